@@ -1,0 +1,48 @@
+"""The pipeline CLI: ``python -m ris_utils <command> ...``.
+
+Each command lives in the module of its step and exposes ``cli(argv) -> int``; modules are imported
+only when their command runs, so ``python -m ris_utils --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: command -> (module, one-line help)
+COMMANDS = {
+    "shapes": ("ris_utils.data.shapes", "generate the shapes world (REFER format)"),
+    "masks": ("ris_utils.masks", "step 1: mask proposals for a folder or list of images"),
+    "captions": ("ris_utils.captioning.step", "step 2: naive / distinctive caption candidates"),
+    "filter": ("ris_utils.filtering", "step 3: distinctiveness (DoC) filtering of candidates"),
+    "export": ("ris_utils.export", "write filtered candidates as a REFER-format dataset"),
+    "mix": ("ris_utils.export", "semi-supervised mix of human and pseudo refs"),
+    "train": ("ris_utils.ris.train", "train the CRIS-style RIS model on a REFER-format dataset"),
+    "evaluate": ("ris_utils.ris.evaluate", "evaluate a RIS checkpoint (mIoU, oIoU, Pr@X)"),
+    "download": ("ris_utils.download", "download datasets and checkpoints for the paper profile"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m ris_utils <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "python -m ris_utils <command> --help for a command's options"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    fn = getattr(module, f"cli_{cmd}", None) or module.cli
+    return int(fn(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
