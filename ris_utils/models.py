@@ -1,0 +1,54 @@
+"""Model plumbing shared by the steps: our open_clip configs, device choice, seeding.
+
+Our tiny architectures are open_clip JSON configs in ``ris_utils/model_configs/`` (same format as
+open_clip's own ``model_configs``), registered with ``open_clip.add_model_config`` so that
+``open_clip.create_model_and_transforms("coca_tiny", pretrained=None)`` builds them exactly like the
+paper's ``coca_ViT-L-14``. Builders of each step's models live in that step's module.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+ASSETS_DIR = Path(__file__).parent / "assets"
+_registered = False
+
+
+def register_open_clip_configs() -> list[str]:
+    """Register every JSON in ``model_configs/`` with open_clip (idempotent); return the names."""
+    global _registered
+    import open_clip
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    if not _registered and names:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+    return names
+
+
+def resolve_device(device: str | None = "auto"):
+    """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} asked for, but CUDA is not available here; use device: cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
