@@ -1,0 +1,456 @@
+"""The resumable, sharded per-image generation engine used by steps 1-3 (masks, captions, filter).
+
+``run(step, items, fn, out_dir)`` calls ``fn(item) -> dict`` once per image and writes exactly one JSON
+record per image::
+
+    {"image_id": ..., "file_name": ..., "status": "ok" | "error", "error": None | "reason", **fn(item)}
+
+Guarantees:
+
+* **Resumable, crash-safe.** Every finished record is appended to a per-rank log
+  ``out_dir/parts/<step>.rank<R>of<W>.log``; each line is ``<sha256[:16]> <json>\\n`` and is flushed and
+  fsync'ed before the next image starts. On a rerun the logs of all earlier runs (any world size) are
+  read, lines whose checksum does not match (a torn last line after ``kill -9``) are ignored and cut off,
+  and finished images are skipped. Output after ``kill -9`` + rerun is byte-identical to an uninterrupted
+  run: nothing lost, nothing duplicated (a record is either fully committed or redone).
+* **Bad input never stops the run.** An exception raised by ``fn`` becomes an error record
+  ``{"status": "error", "error": "<ExceptionType>: <message>"}`` and the run goes on. Exceptions listed in
+  ``fatal`` (default: ``MemoryError``, :class:`FatalError`) and ``KeyboardInterrupt`` stop it. Model and
+  checkpoint problems must be caught by the step *before* calling :func:`run` (build the model first).
+* **Sharded.** Under ``torchrun --nproc_per_node K`` (or any launcher that sets ``RANK``/``WORLD_SIZE``)
+  rank ``r`` takes items ``i`` with ``i % K == r``. When a ``torch.distributed`` process group is
+  initialised (the engine initialises a gloo group itself when the launcher's rendezvous variables are
+  set), rank 0 merges after a barrier; otherwise call :func:`merge` once all ranks are done.
+* **Deterministic.** ``fn`` receives a copy of the item with ``item["seed"] = item_seed(seed, image_id)``.
+  The merged ``records.jsonl`` lists records in the order of ``items``, whatever the world size.
+
+Files in ``out_dir``: ``manifest.json`` (step, ordered image ids, config fingerprint), ``parts/*.log``,
+``records.jsonl`` (merged, written atomically), ``summary.json`` (ok/failed counts and reasons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+RECORDS = "records.jsonl"
+SUMMARY = "summary.json"
+MANIFEST = "manifest.json"
+PARTS = "parts"
+
+
+class FatalError(RuntimeError):
+    """Raised by a step function to stop the whole run (not just one image): e.g. the model broke."""
+
+
+class ResumeMismatchError(RuntimeError):
+    """``out_dir`` holds a run of a different step, item list or configuration."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def item_seed(seed: int, image_id) -> int:
+    """Per-image seed derived from ``(seed, image_id)``: stable across runs, ranks and item order."""
+    h = hashlib.sha256(f"{int(seed)}:{image_id!r}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def fingerprint(obj) -> str:
+    """A short hash of a JSON-able object (used to refuse resuming a run made with other settings)."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments, else an initialised process group, else ``RANK``/``WORLD_SIZE``."""
+    if rank is None or world_size is None:
+        r, w = 0, 1
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                r, w = dist.get_rank(), dist.get_world_size()
+            else:
+                r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        except ImportError:  # pragma: no cover - torch is a dependency
+            r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"engine: invalid rank={rank} / world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """The items of one rank: every ``world_size``-th item starting at ``rank``."""
+    return items[rank::world_size]
+
+
+def _line(record: dict) -> str:
+    body = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{hashlib.sha256(body.encode()).hexdigest()[:16]} {body}\n"
+
+
+def _parse_line(line: str) -> dict | None:
+    """The record of one log line, or None when the line is torn / corrupt."""
+    if not line.endswith("\n"):
+        return None
+    check, _, body = line[:-1].partition(" ")
+    if len(check) != 16 or hashlib.sha256(body.encode()).hexdigest()[:16] != check:
+        return None
+    try:
+        rec = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) and "image_id" in rec else None
+
+
+def _scan_log(path: Path) -> tuple[list[dict], int]:
+    """Valid records of a log and the byte offset just after the last valid line."""
+    records, good_end, pos = [], 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            pos += len(raw)
+            try:
+                rec = _parse_line(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                rec = None
+            if rec is None:
+                break  # a torn or corrupt line: everything after it is not trusted
+            records.append(rec)
+            good_end = pos
+    return records, good_end
+
+
+def _key(image_id) -> str:
+    return json.dumps(image_id)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_items(items: list[dict]) -> list:
+    ids, seen = [], set()
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or "image_id" not in it or "path" not in it:
+            raise ValueError(f"engine: item {i} must be a dict with 'image_id' and 'path', got {it!r:.200}")
+        k = _key(it["image_id"])
+        if k in seen:
+            raise ValueError(f"engine: duplicate image_id {it['image_id']!r} (item {i}); ids must be unique")
+        seen.add(k)
+        ids.append(it["image_id"])
+    return ids
+
+
+def _file_name(item: dict) -> str:
+    return str(item.get("file_name") or Path(str(item["path"])).name)
+
+
+def finished_records(out_dir: str | os.PathLike, step: str | None = None) -> dict[str, dict]:
+    """All committed records in ``out_dir/parts`` (first valid one per image id), keyed by ``json(image_id)``."""
+    done: dict[str, dict] = {}
+    parts = Path(out_dir) / PARTS
+    if not parts.is_dir():
+        return done
+    pattern = f"{step}.rank*.log" if step else "*.rank*.log"
+    for log in sorted(parts.glob(pattern)):
+        for rec in _scan_log(log)[0]:
+            done.setdefault(_key(rec["image_id"]), rec)
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed plumbing (torch.distributed only; no home-made cluster code)
+
+
+def _maybe_init_process_group(world_size: int) -> bool:
+    """Initialise a gloo group from the launcher's env (torchrun sets MASTER_ADDR/PORT). True when we did."""
+    if world_size <= 1:
+        return False
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    dist.init_process_group(backend="gloo", timeout=timedelta(hours=48))
+    return True
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _dist_ready() -> bool:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return False
+    return dist.is_available() and dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine
+
+
+def run(
+    step: str,
+    items: list[dict],
+    fn: Callable[[dict], dict],
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    desc: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    config: dict | None = None,
+    merge_output: bool = True,
+    fatal: tuple[type[BaseException], ...] = (MemoryError, FatalError),
+    progress: bool = True,
+    fsync: bool = True,
+) -> dict:
+    """Run ``fn`` over this rank's shard of ``items`` and write one record per image into ``out_dir``.
+
+    Arguments:
+      step (str): the step's name (``masks``, ``captions``, ``filter``); names the log files.
+      items (list[dict]): at least ``image_id`` (unique, JSON-able) and ``path``; optional ``file_name``
+        and any fields ``fn`` needs. Their order is the order of the merged ``records.jsonl``.
+      fn (callable): ``fn(item) -> dict`` (the record body, JSON-able). ``item`` is a copy with
+        ``item["seed"]`` set to :func:`item_seed` ``(seed, image_id)``. Raise to mark the image failed.
+      out_dir (path): where the logs, ``records.jsonl`` and ``summary.json`` go. A rerun resumes.
+      seed (int): base seed.
+      desc (str): progress-bar label (default: the step).
+      rank, world_size (int): default: the process group, else ``RANK`` / ``WORLD_SIZE``, else 0 / 1.
+      config (dict): the step's settings; its fingerprint is stored and a rerun with different settings
+        (or a different item list) raises :class:`ResumeMismatchError` instead of mixing outputs.
+      merge_output (bool): merge when this rank can (1 process, or rank 0 after a barrier).
+      fatal (tuple): exception types that stop the run instead of becoming an error record.
+      progress (bool): show a tqdm bar (images/s, ETA).
+      fsync (bool): fsync the log after every record (crash safety; disable only for throwaway runs).
+
+    Returns:
+      dict: the summary (``n_items``, ``ok``, ``failed``, ``failed_reasons``, ``errors``, ...). Before the
+      merge (a rank > 0 without a process group, or ``merge_output=False``) the summary of this rank's
+      shard only, with ``"merged": False``.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(step, str) or not step or "/" in step or " " in step:
+        raise ValueError(f"engine: step must be a short name without '/' or spaces, got {step!r}")
+    out_dir = Path(out_dir)
+    ids = _check_items(items)
+    rank, world_size = dist_info(rank, world_size)
+    if world_size > 1:
+        _maybe_init_process_group(world_size)
+    _write_manifest(out_dir, step, ids, config, seed, rank)
+
+    log_path = out_dir / PARTS / f"{step}.rank{rank}of{world_size}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Cut a torn tail off our own log so that appends start on a fresh line.
+    if log_path.exists():
+        _, good_end = _scan_log(log_path)
+        if good_end != log_path.stat().st_size:
+            logger.warning("engine: %s: dropping a torn/corrupt tail after byte %d", log_path, good_end)
+            with open(log_path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+    done = finished_records(out_dir, step)
+
+    mine = shard(items, rank, world_size)
+    todo = [it for it in mine if _key(it["image_id"]) not in done]
+    counts: Counter = Counter()
+    for it in mine:
+        rec = done.get(_key(it["image_id"]))
+        if rec is not None:
+            counts[rec["status"]] += 1
+    if len(mine) - len(todo):
+        logger.info("engine: %s rank %d: resuming, %d/%d images already done", step, rank, len(mine) - len(todo), len(mine))
+
+    label = desc or step
+    if world_size > 1:
+        label = f"{label} [rank {rank}/{world_size}]"
+    bar = tqdm(
+        total=len(mine), initial=len(mine) - len(todo), desc=label, unit="img", disable=not progress,
+        position=rank if world_size > 1 else None, dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    with open(log_path, "a", encoding="utf-8") as log:
+        for item in todo:
+            rec = _process(item, fn, seed, fatal)
+            log.write(_line(rec))
+            log.flush()
+            if fsync:
+                os.fsync(log.fileno())
+            counts[rec["status"]] += 1
+            bar.update(1)
+            bar.set_postfix(ok=counts["ok"], failed=counts["error"], refresh=False)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if fsync:
+        _fsync_dir(log_path.parent)
+
+    local = {"step": step, "rank": rank, "world_size": world_size, "n_items": len(mine),
+             "ok": counts["ok"], "failed": counts["error"], "processed_now": len(todo),
+             "seconds_now": round(elapsed, 3), "merged": False}
+    if not merge_output:
+        return local
+    if world_size == 1:
+        return merge(out_dir, step=step)
+    if _dist_ready():
+        _barrier()
+        summary = merge(out_dir, step=step) if rank == 0 else None
+        _barrier()
+        return summary if summary is not None else read_summary(out_dir)
+    logger.info("engine: rank %d done; no process group, call engine.merge(%s) once all ranks are done",
+                rank, out_dir)
+    return local
+
+
+def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
+    """One record for one item; exceptions of ``fn`` (except ``fatal`` ones) become error records."""
+    work = dict(item)
+    work["seed"] = item_seed(seed, item["image_id"])
+    head = {"image_id": item["image_id"], "file_name": _file_name(item)}
+    try:
+        body = fn(work)
+        if not isinstance(body, dict):
+            raise TypeError(f"step function returned {type(body).__name__}, expected a dict")
+        bad = {"image_id", "file_name", "status", "error"} & set(body)
+        if bad:
+            raise ValueError(f"step function returned reserved keys {sorted(bad)}")
+        rec = {**head, "status": "ok", "error": None, **body}
+        json.dumps(rec)  # not JSON-able -> error record, not a crash at write time
+        return rec
+    except fatal:
+        raise
+    except Exception as e:  # noqa: BLE001 - bad input must never stop the run
+        reason = f"{type(e).__name__}: {e}".strip()
+        logger.warning("engine: %s failed: %s", item["image_id"], reason)
+        return {**head, "status": "error", "error": reason[:1000]}
+
+
+def _write_manifest(out_dir: Path, step: str, ids: list, config, seed: int, rank: int) -> None:
+    manifest = {"step": step, "seed": int(seed), "n_items": len(ids), "image_ids": ids,
+                "items_fingerprint": fingerprint(ids), "config_fingerprint": fingerprint(config or {}),
+                "config": config or {}}
+    path = out_dir / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        for key in ("step", "seed", "items_fingerprint", "config_fingerprint"):
+            if old.get(key) != manifest[key]:
+                raise ResumeMismatchError(
+                    f"engine: {out_dir} holds a run with a different {key.replace('_', ' ')} "
+                    f"({old.get(key)!r} != {manifest[key]!r}); use another output folder or delete this one"
+                )
+        return
+    _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True, default=str))
+
+
+def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial: bool = False) -> dict:
+    """Merge the per-rank logs into ``out_dir/records.jsonl`` (item order) and write ``summary.json``.
+
+    Idempotent; gives the same file whatever the number of ranks or interruptions. Raises
+    ``RuntimeError`` when images are still missing, unless ``allow_partial`` (then they are listed in the
+    summary under ``missing``).
+    """
+    out_dir = Path(out_dir)
+    mpath = out_dir / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"engine.merge: {mpath} does not exist; is {out_dir} an engine output folder?")
+    manifest = json.loads(mpath.read_text())
+    step = step or manifest["step"]
+    done = finished_records(out_dir, step)
+    lines, missing, reasons, errors = [], [], Counter(), []
+    n_ok = 0
+    for image_id in manifest["image_ids"]:
+        rec = done.get(_key(image_id))
+        if rec is None:
+            missing.append(image_id)
+            continue
+        lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
+        if rec["status"] == "ok":
+            n_ok += 1
+        else:
+            reasons[_reason_kind(rec["error"])] += 1
+            errors.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"), "error": rec["error"]})
+    if missing and not allow_partial:
+        raise RuntimeError(
+            f"engine.merge: {len(missing)} of {len(manifest['image_ids'])} images of step {step!r} are not "
+            f"finished in {out_dir} (first: {missing[:3]}); rerun the step (it resumes) before merging"
+        )
+    _atomic_write(out_dir / RECORDS, "".join(lines))
+    summary = {"step": step, "n_items": len(manifest["image_ids"]), "ok": n_ok, "failed": len(errors),
+               "failed_reasons": dict(sorted(reasons.items())), "errors": errors, "missing": missing,
+               "merged": True, "records": str(out_dir / RECORDS)}
+    _atomic_write(out_dir / SUMMARY, json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _reason_kind(error: str | None) -> str:
+    """The exception type of an error reason (``"BadImageError: ..."`` -> ``BadImageError``) for counting."""
+    if not error:
+        return "unknown"
+    head = error.split(":", 1)[0].strip()
+    return head if head and " " not in head else "other"
+
+
+def read_records(out_dir: str | os.PathLike, *, only_ok: bool = False) -> Iterator[dict]:
+    """Iterate the merged records of ``out_dir/records.jsonl`` (in item order)."""
+    path = Path(out_dir) / RECORDS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the step (and merge) first")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                if not only_ok or rec.get("status") == "ok":
+                    yield rec
+
+
+def read_summary(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir) / SUMMARY
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the step (and merge) first")
+    return json.loads(path.read_text())
+
+
+__all__ = ["run", "merge", "read_records", "read_summary", "item_seed", "shard", "dist_info",
+           "finished_records", "FatalError", "ResumeMismatchError"]
