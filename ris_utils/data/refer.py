@@ -296,10 +296,10 @@ class ReferData:
         """Ref ids, filtered by image ids, category ids and split (REFER rules; None = no filter)."""
         refs = self.refs
         if image_ids is not None:
-            ids = {image_ids} if isinstance(image_ids, int) else set(image_ids)
+            ids = {image_ids} if isinstance(image_ids, (int, np.integer)) else set(image_ids)
             refs = [r for r in refs if r["image_id"] in ids]
         if cat_ids is not None:
-            ids = {cat_ids} if isinstance(cat_ids, int) else set(cat_ids)
+            ids = {cat_ids} if isinstance(cat_ids, (int, np.integer)) else set(cat_ids)
             refs = [r for r in refs if r["category_id"] in ids]
         if split:
             refs = select_split(refs, split)
@@ -347,10 +347,16 @@ def load_refer(data_root: str | os.PathLike, dataset: str, split_by: str,
     rp, ip = refs_path(data_root, dataset, split_by), instances_path(data_root, dataset)
     for p in (rp, ip):
         if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: {_LAYOUT_HINT}")
+            found = sorted(x.name for x in p.parent.glob("refs(*).p")) if p.parent.is_dir() else []
+            have = f"; {p.parent} holds {found}" if found else ""
+            raise FileNotFoundError(f"{p} not found: {_LAYOUT_HINT}{have}")
     try:
         with open(rp, "rb") as f:
-            refs = pickle.load(f)  # only the file the caller pointed at
+            try:
+                refs = pickle.load(f)  # only the file the caller pointed at
+            except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII str
+                f.seek(0)
+                refs = pickle.load(f, encoding="latin1")
     except Exception as e:  # noqa: BLE001 - report which file is broken
         raise ValueError(f"{rp}: not a readable refs pickle ({type(e).__name__}: {e})") from e
     try:
