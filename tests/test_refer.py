@@ -255,3 +255,29 @@ def test_write_is_deterministic_and_bytes_counts_become_str(tmp_path):
     write_refer(tmp_path / "b", "shapes", "unc", refs, images, anns_bytes, cats)
     for name in ("refs(unc).p", "instances.json"):
         assert (tmp_path / "a" / "shapes" / name).read_bytes() == (tmp_path / "b" / "shapes" / name).read_bytes()
+
+
+def test_write_normalises_segmentation_to_a_list_of_rle(tmp_path):
+    refs, images, anns, cats, masks = toy_dataset()
+    anns = [dict(a) for a in anns]
+    anns[0]["segmentation"] = anns[0]["segmentation"][0]  # bare dict
+    h, w = images[1]["height"], images[1]["width"]
+    m1 = masks[anns[1]["id"]]
+    flat = m1.T.ravel()  # column-major, runs alternate 0s, 1s, 0s, ... starting with 0s
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v != value:
+            counts.append(run)
+            value, run = v, 0
+        run += 1
+    uncompressed = {"size": [h, w], "counts": counts + [run]}
+    anns[1]["segmentation"] = uncompressed
+    write_refer(tmp_path, "shapes", "unc", refs, images, anns, cats)
+    inst = json.loads((tmp_path / "shapes" / "instances.json").read_text())
+    for a in inst["annotations"][:2]:
+        assert isinstance(a["segmentation"], list) and isinstance(a["segmentation"][0]["counts"], str)
+        m = np.sum(mask_utils.decode(a["segmentation"]), axis=2).astype(np.uint8)
+        np.testing.assert_array_equal(m, masks[a["id"]])
+    anns[2]["segmentation"] = "oops"
+    with pytest.raises(ValueError, match="annotation 1002 segmentation must be"):
+        write_refer(tmp_path, "shapes", "unc", refs, images, anns, cats)

@@ -226,6 +226,22 @@ def _jsonable(x):
     return x
 
 
+def _written_segmentation(ann: dict, where: str):
+    """Segmentation as the REFER toolkit's getMask reads it: polygons as given, RLE as ``[rle]``."""
+    seg = ann["segmentation"]
+    if isinstance(seg, dict):
+        seg = [seg]
+    if not isinstance(seg, (list, tuple)) or not seg:
+        raise ValueError(f"write_refer({where}): annotation {ann['id']} segmentation must be polygons, an RLE dict "
+                         f"or a list of RLE dicts (use make_annotation(..., mask)), got {type(seg).__name__}")
+    if isinstance(seg[0], dict):
+        if any(not isinstance(r, dict) or "size" not in r or "counts" not in r for r in seg):
+            raise ValueError(f"write_refer({where}): annotation {ann['id']} has an RLE without 'size'/'counts'")
+        seg = [r if not isinstance(r["counts"], list) else
+               mask_utils.frPyObjects(r, int(r["size"][0]), int(r["size"][1])) for r in seg]
+    return list(seg)
+
+
 def write_refer(out_root: str | os.PathLike, dataset: str, split_by: str, refs: list[dict], images: list[dict],
                 annotations: list[dict], categories: list[dict]) -> Path:
     """Write a REFER-format dataset; returns ``out_root/<dataset>``.
@@ -233,7 +249,11 @@ def write_refer(out_root: str | os.PathLike, dataset: str, split_by: str, refs: 
     Writes ``refs(<split_by>).p`` (pickle, protocol 4, of the list of refs) and ``instances.json``
     (``{"images", "annotations", "categories"}``), each atomically (temp file + rename). Every field the
     REFER toolkit / LAVT / CRIS read is checked first (ValueError naming the item and the field); every
-    ref's ``ann_id`` / ``image_id`` must exist; RLE ``counts`` given as bytes are written as str.
+    ref's ``ann_id`` / ``image_id`` must exist. A bare RLE dict is written as ``[rle]``, uncompressed and
+    bytes ``counts`` as compressed str, so the REFER toolkit's ``getMask`` decodes every annotation.
+
+    Scripts built on the REFER toolkit (LAVT, CRIS) accept only the dataset names refcoco, refcoco+,
+    refcocog, refclef: to feed them, write e.g. ``dataset="refcoco+", split_by="pseudo"``.
     """
     out = Path(out_root) / dataset
     rp, ip = refs_path(out_root, dataset, split_by), instances_path(out_root, dataset)
@@ -247,6 +267,7 @@ def write_refer(out_root: str | os.PathLike, dataset: str, split_by: str, refs: 
         if ref["image_id"] not in img_ids:
             raise ValueError(f"write_refer({rp.name}): ref {ref['ref_id']} names image_id {ref['image_id']} "
                              f"that is not among the images")
+    annotations = [dict(a, segmentation=_written_segmentation(a, ip.name)) for a in annotations]
     refs = _jsonable(refs)
     instances = _jsonable({"images": images, "annotations": annotations, "categories": categories})
     _atomic_write(ip, json.dumps(instances).encode("utf-8"))
