@@ -1,0 +1,584 @@
+"""Downloads for the paper profile: the RefCOCO family, COCO train2014 and the SAM checkpoints.
+
+``python -m ris_utils download --what refcoco,refcoco+,refcocog,coco-train2014,sam-vit-h --data-root DIR``
+
+Everything a download needs is in :data:`SOURCES` (one table, never in notebook cells): the URLs (the
+official one first, mirrors after), the expected size and checksum where one is known, and where the
+file goes. The files land in the REFER toolkit's layout, which LAVT / CRIS / ReLA and
+:mod:`ris_utils.data.refer` read unchanged::
+
+    DIR/refcoco/refs(unc).p, refs(google).p, instances.json
+    DIR/refcoco+/refs(unc).p, instances.json
+    DIR/refcocog/refs(umd).p, refs(google).p, instances.json
+    DIR/images/mscoco/images/train2014/COCO_train2014_*.jpg
+    DIR/checkpoints/sam_vit_h_4b8939.pth (and the other checkpoints)
+    DIR/downloads/*.zip             archives (kept unless --delete-archives)
+    DIR/checksums.lock.json         sha256 + size of every file downloaded here
+
+Behaviour:
+
+- **Resume**: a download writes ``<file>.part`` and, after an interruption (a cut connection, Ctrl-C, a
+  crash), asks the server for the rest with an HTTP ``Range`` request. A server that ignores ``Range``
+  (answers 200) restarts the file from zero.
+- **Verification**: every finished file is hashed (sha256, and md5 where that is what was published) and
+  compared with the table. Where no checksum is published, the first download records its sha256 and size
+  in ``DIR/checksums.lock.json`` and says so; later downloads and ``--verify`` compare with that record. A
+  file that does not match is renamed ``*.corrupt`` and the command stops with a message naming it.
+- **Offline**: an unreachable host (connection refused, no DNS, timeout) ends with a message naming the
+  URL, the file it was for and where to put a copy fetched elsewhere; files already in place are verified
+  and used without any network access.
+
+open_clip weights (CoCa ``coca_ViT-L-14``, CLIP ``RN50``) are NOT downloaded here: they load through
+open_clip's own ``pretrained=`` mechanism (its pretrained table / Hugging Face hub cache), exactly as the
+authors load them; the authors' CC3M fine-tune (https://huggingface.co/SeonghoonYu/pseudo-ris) is an
+open_clip *training* checkpoint, which ``pretrained=<path to the .pt file>`` also loads (see
+docs/paper_profile.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import errno
+import hashlib
+import http.client
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "pseudo-ris-downloader/0.1 (+https://github.com/pseudo-ris/pseudo-ris)"
+LOCK_NAME = "checksums.lock.json"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One downloadable file.
+
+    Attributes:
+      name: the ``--what`` name.
+      urls: official URL first, then mirrors (tried in order when one fails).
+      filename: name of the downloaded file.
+      dest: folder (relative to ``--data-root``) the file goes to (archives: ``downloads``).
+      size: expected size in bytes (None = unknown: recorded in the lock file on first download).
+      sha256 / md5: expected digest (None = unknown).
+      checksum_source: where ``size`` / the digest come from (shown in messages).
+      extract_to: for zip archives, the folder (relative to ``--data-root``) the archive unpacks into.
+      provides: paths (relative to ``--data-root``) that exist once the entry is in place; when all exist,
+        nothing is downloaded.
+      note: one line shown by ``--list``.
+      manual: no automatic download; ``note`` says how to get it.
+    """
+
+    name: str
+    urls: tuple[str, ...]
+    filename: str
+    dest: str
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    checksum_source: str = "none published: recorded in checksums.lock.json on first download"
+    extract_to: str | None = None
+    provides: tuple[str, ...] = ()
+    note: str = ""
+    manual: bool = False
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REFER_NOTE = ("REFER annotations (Licheng Yu's cleaned RefCOCO family, github.com/lichengunc/refer); the UNC "
+               "server is often down, the Internet Archive capture is the mirror")
+_REFER_SUMS = ("sha256 of the Internet Archive capture as recorded by a third-party project "
+               "(not published by the dataset authors); size recorded on first download")
+
+
+def _refer(name: str, sha256: str, capture: str, provides: tuple[str, ...]) -> Source:
+    base = "bvisionweb1.cs.unc.edu/licheng/referit/data"
+    return Source(
+        name=name,
+        urls=(f"https://{base}/{name}.zip", f"https://web.archive.org/web/{capture}id_/https://{base}/{name}.zip"),
+        filename=f"{name}.zip", dest="downloads", sha256=sha256, checksum_source=_REFER_SUMS,
+        extract_to=".", provides=provides, note=_REFER_NOTE,
+    )
+
+
+#: The source table. Sizes and digests: see each entry's ``checksum_source``.
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    _refer("refcoco", "7f924bb7ed8dc4568058e4ff626281918d56e5206f4c868c5a80f088f38c8bf0", "20220413011718",
+           ("refcoco/refs(unc).p", "refcoco/instances.json")),
+    _refer("refcoco+", "5f1238112d63199e68da54a28f201471909b21ded7ed79a57d51b4c1443c6b45", "20220413011656",
+           ("refcoco+/refs(unc).p", "refcoco+/instances.json")),
+    _refer("refcocog", "3d1f7e5b2ff2205940bf59de55f861f5f2cc1403fb980669933a7f9af1aa8211", "20220413012904",
+           ("refcocog/refs(umd).p", "refcocog/instances.json")),
+    Source(
+        name="coco-train2014", urls=("http://images.cocodataset.org/zips/train2014.zip",),
+        filename="train2014.zip", dest="downloads", size=13_510_573_713, md5="0da8c0bd3d6becc4dcb32757491aca88",
+        checksum_source=("size = the server's Content-Length; md5 as recorded by third-party loaders (LAVIS, "
+                         "pystiche); COCO publishes no checksum"),
+        extract_to="images/mscoco/images", provides=("images/mscoco/images/train2014",),
+        note="COCO train2014 images (82,783 files, 13.5 GB zip): every RefCOCO/+/g image is in it",
+    ),
+    Source(
+        name="sam-vit-h", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",),
+        filename="sam_vit_h_4b8939.pth", dest="checkpoints", size=2_564_550_879,
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+        md5="4b8939a88964f0f4ff5f5b2642c598a6",
+        checksum_source=("md5 prefix in Meta's file name (4b8939); full md5/sha256 and size as recorded by "
+                         "several third-party downloaders"),
+        provides=("checkpoints/sam_vit_h_4b8939.pth",), note="SAM ViT-H (the paper's mask generator)",
+        aliases=("sam", "sam-vit_h"),
+    ),
+    Source(
+        name="sam-vit-l", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",),
+        filename="sam_vit_l_0b3195.pth", dest="checkpoints", size=1_249_524_607,
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+        checksum_source="md5 prefix in Meta's file name (0b3195); sha256/size as recorded by third-party downloaders",
+        provides=("checkpoints/sam_vit_l_0b3195.pth",), note="SAM ViT-L (not used by the paper; smaller GPUs)",
+    ),
+    Source(
+        name="sam-vit-b", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",),
+        filename="sam_vit_b_01ec64.pth", dest="checkpoints", size=375_042_383,
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+        checksum_source="md5 prefix in Meta's file name (01ec64); sha256/size as recorded by third-party downloaders",
+        provides=("checkpoints/sam_vit_b_01ec64.pth",), note="SAM ViT-B (not used by the paper; quick trials)",
+    ),
+    Source(
+        name="cutler", urls=("http://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",),
+        filename="cutler_cascade_final.pth", dest="checkpoints",
+        provides=("checkpoints/cutler_cascade_final.pth",),
+        note=("CutLER cascade Mask R-CNN (the authors' SAM-mask selector; needs detectron2, run it outside "
+              "this package and pass its detections as masks.external_masks)"),
+    ),
+    Source(
+        name="phrasecut", urls=("https://github.com/ChenyunWu/PhraseCutDataset",), filename="", dest="phrasecut",
+        provides=("phrasecut",), manual=True,
+        note=("PhraseCut (the unseen-domain benchmark, Visual Genome images): download with the dataset's own "
+              "script (git clone https://github.com/ChenyunWu/PhraseCutDataset && python download_dataset.py) "
+              "and link its data/VGPhraseCut_v0 folder as DIR/phrasecut"),
+    ),
+)}
+
+#: What the paper profile needs (``--what paper``).
+GROUPS = {
+    "paper": ("refcoco", "refcoco+", "refcocog", "coco-train2014", "sam-vit-h"),
+    "refer": ("refcoco", "refcoco+", "refcocog"),
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class DownloadError(RuntimeError):
+    """A download failed (HTTP error, every mirror failed)."""
+
+
+class OfflineError(DownloadError):
+    """The host could not be reached at all."""
+
+
+class ChecksumError(DownloadError):
+    """A file's size or digest differs from the expected one."""
+
+
+# --------------------------------------------------------------------------- hashing / lock file
+
+
+def file_digests(path: str | os.PathLike, algorithms=("sha256", "md5")) -> dict[str, str]:
+    """Hex digests of a file (read in 1 MiB chunks)."""
+    hashes = {a: hashlib.new(a) for a in algorithms}
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(CHUNK)
+            if not buf:
+                break
+            for h in hashes.values():
+                h.update(buf)
+    return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+def read_lock(data_root: str | os.PathLike) -> dict:
+    """``DIR/checksums.lock.json`` as a dict (``{}`` if missing); a malformed file is an error naming it."""
+    path = Path(data_root) / LOCK_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to record checksums again") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; delete it to record checksums again")
+    return data
+
+
+def write_lock(data_root: str | os.PathLike, lock: dict) -> None:
+    path = Path(data_root) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def verify_file(path: Path, source: Source, lock: dict) -> dict:
+    """Check ``path`` against the table (or the lock record); return ``{"sha256", "md5", "size"}``.
+
+    Raises ChecksumError (after renaming the file to ``*.corrupt``) on a mismatch.
+    """
+    size = path.stat().st_size
+    digests = file_digests(path)
+    expected = []
+    if source.size is not None:
+        expected.append(("size", source.size, size, source.checksum_source))
+    if source.sha256:
+        expected.append(("sha256", source.sha256, digests["sha256"], source.checksum_source))
+    if source.md5:
+        expected.append(("md5", source.md5, digests["md5"], source.checksum_source))
+    rec = lock.get(source.name)
+    if rec and not source.sha256:
+        expected.append(("sha256", rec.get("sha256"), digests["sha256"], f"{LOCK_NAME} (recorded {rec.get('recorded')})"))
+    if rec and source.size is None and rec.get("size") is not None:
+        expected.append(("size", rec["size"], size, f"{LOCK_NAME} (recorded {rec.get('recorded')})"))
+    for what, want, got, where in expected:
+        if want is not None and want != got:
+            bad = path.with_name(path.name + ".corrupt")
+            os.replace(path, bad)
+            raise ChecksumError(
+                f"{path}: {what} mismatch: expected {want} ({where}), got {got}. The file is corrupt or the "
+                f"server now serves a different file; it was moved to {bad}. Run the command again to download "
+                f"it again (delete {bad} when done)."
+            )
+    return {"sha256": digests["sha256"], "md5": digests["md5"], "size": size}
+
+
+# --------------------------------------------------------------------------- HTTP with resume
+
+
+def _is_offline(err: BaseException) -> bool:
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, (ConnectionRefusedError, socket.gaierror, socket.timeout, TimeoutError)):
+        return True
+    return isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH,
+                                                            errno.ECONNREFUSED)
+
+
+def fetch(url: str, dest: str | os.PathLike, *, expected_size: int | None = None, retries: int = 5,
+          timeout: float = 60.0, backoff: float = 1.0, progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming with HTTP Range after a cut connection.
+
+    Arguments:
+      expected_size: bytes the file must have (when known); a ``.part`` of that size is complete.
+      retries: how many times an interrupted transfer is resumed before giving up.
+    Returns ``dest``. Raises OfflineError (host unreachable), DownloadError (HTTP error, too many cuts).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    last_err: BaseException | None = None
+    for attempt in range(retries + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if expected_size is not None and have == expected_size:
+            break
+        if expected_size is not None and have > expected_size:
+            part.unlink()
+            have = 0
+        headers = {"User-Agent": USER_AGENT}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        req = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status = getattr(resp, "status", 200)
+                mode = "ab"
+                if status == 206:
+                    crange = resp.headers.get("Content-Range", "")
+                    start = int(crange.split()[1].split("-")[0]) if crange.startswith("bytes ") else have
+                    if start != have:
+                        raise DownloadError(f"{url}: server resumed at byte {start}, asked for {have}")
+                    total = int(crange.rsplit("/", 1)[1]) if "/" in crange and not crange.endswith("*") else None
+                else:  # 200: the whole file (the server ignored Range, or this is the first request)
+                    if have:
+                        logger.info("%s: server ignored the Range request; restarting from zero", url)
+                    have, mode = 0, "wb"
+                    length = resp.headers.get("Content-Length")
+                    total = int(length) if length is not None else None
+                if expected_size is not None and total is not None and total != expected_size:
+                    raise ChecksumError(f"{url}: server announces {total} bytes, expected {expected_size} "
+                                        f"(table entry for {dest.name}); the file on the server changed")
+                total = total if total is not None else expected_size
+                _copy_body(resp, part, mode, have, total, dest.name, progress)
+            got = part.stat().st_size
+            if total is not None and got < total:
+                raise http.client.IncompleteRead(b"", total - got)
+            if total is not None and got > total:
+                part.unlink()
+                raise DownloadError(f"{url}: received {got} bytes, more than the announced {total}")
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # range not satisfiable: nothing left to send, or a stale .part
+                if expected_size is None or have == expected_size:
+                    break
+                part.unlink()
+                last_err = e
+                continue
+            if e.code in (408, 429, 500, 502, 503, 504) and attempt < retries:
+                last_err = e
+                time.sleep(backoff * (attempt + 1))
+                continue
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (downloading {dest.name})") from e
+        except urllib.error.URLError as e:
+            if _is_offline(e):
+                raise OfflineError(
+                    f"cannot reach {url} ({e.reason}): this machine looks offline or the host is blocked. "
+                    f"Download the file elsewhere and put it at {dest}; the command then verifies and uses it."
+                ) from e
+            last_err = e
+        except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as e:
+            last_err = e
+            logger.warning("%s: transfer interrupted after %d bytes (%s); resuming (%d/%d)", url,
+                           part.stat().st_size if part.exists() else 0, type(e).__name__, attempt + 1, retries)
+            time.sleep(backoff * attempt)
+    else:
+        raise DownloadError(f"{url}: gave up after {retries} interrupted attempts ({last_err!r}); "
+                            f"run the command again to resume from {part}")
+    os.replace(part, dest)
+    return dest
+
+
+def _copy_body(resp, part: Path, mode: str, have: int, total: int | None, label: str, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=label, disable=not progress, leave=False) as bar:
+        while True:
+            buf = resp.read(CHUNK)
+            if not buf:
+                break
+            f.write(buf)
+            bar.update(len(buf))
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def resolve_names(what: str | list[str]) -> list[Source]:
+    """``"refcoco,sam-vit-h"`` / ``["paper"]`` -> Sources (groups expanded, aliases accepted)."""
+    items = what.split(",") if isinstance(what, str) else list(what)
+    alias = {a: s.name for s in SOURCES.values() for a in s.aliases}
+    out: list[Source] = []
+    for raw in items:
+        name = raw.strip()
+        if not name:
+            continue
+        names = GROUPS.get(name, (alias.get(name, name),))
+        for n in names:
+            if n not in SOURCES:
+                raise ValueError(f"--what: unknown item {name!r}; known: {', '.join([*SOURCES, *GROUPS])}")
+            if SOURCES[n] not in out:
+                out.append(SOURCES[n])
+    return out
+
+
+def is_present(source: Source, data_root: str | os.PathLike) -> bool:
+    """Whether everything ``source`` provides is already under ``data_root``."""
+    root = Path(data_root)
+    return bool(source.provides) and all((root / p).exists() for p in source.provides)
+
+
+def _safe_extract(archive: Path, target: Path) -> int:
+    """Unzip ``archive`` into ``target``, refusing members that would land outside it; returns #files."""
+    target.mkdir(parents=True, exist_ok=True)
+    root = target.resolve()
+    n = 0
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            out = (target / info.filename).resolve()
+            if out != root and root not in out.parents:
+                raise DownloadError(f"{archive}: member {info.filename!r} would unpack outside {target}; refusing")
+        for info in zf.infolist():
+            zf.extract(info, target)
+            n += not info.is_dir()
+    return n
+
+
+def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: bool = False,
+           delete_archives: bool = False, progress: bool = True, retries: int = 5, timeout: float = 60.0) -> dict:
+    """Make ``source`` available under ``data_root``: download (resuming), verify, unpack.
+
+    Returns ``{"name", "status": "present" | "downloaded" | "verified", "path", "sha256"?, "recorded"?}``.
+    """
+    root = Path(data_root)
+    if source.manual:
+        if is_present(source, root):
+            return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
+        raise DownloadError(f"{source.name} is not downloaded automatically: {source.note}")
+    dest = root / source.dest / source.filename
+    if is_present(source, root) and not verify_existing:
+        return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
+    lock = read_lock(root)
+    status = "verified"
+    if not dest.exists():
+        if is_present(source, root):  # unpacked earlier, archive deleted: nothing to verify against
+            return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
+        errors = []
+        for url in source.urls:
+            try:
+                fetch(url, dest, expected_size=source.size or (lock.get(source.name) or {}).get("size"),
+                      progress=progress, retries=retries, timeout=timeout)
+                break
+            except OfflineError:
+                raise
+            except ChecksumError:
+                raise
+            except DownloadError as e:
+                errors.append(str(e))
+                logger.warning("%s; trying the next mirror", e)
+        else:
+            raise DownloadError(f"{source.name}: every URL failed:\n  " + "\n  ".join(errors))
+        status = "downloaded"
+    info = verify_file(dest, source, lock)
+    result = {"name": source.name, "status": status, "path": str(dest), "sha256": info["sha256"]}
+    if source.name not in lock:
+        lock[source.name] = {"file": str(Path(source.dest) / source.filename), "size": info["size"],
+                             "sha256": info["sha256"], "md5": info["md5"],
+                             "recorded": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                             "published_checksum": bool(source.sha256 or source.md5)}
+        write_lock(root, lock)
+        if not (source.sha256 or source.md5):
+            result["recorded"] = True
+            logger.warning("%s: no published checksum; recorded sha256 %s (%d bytes) in %s; later downloads "
+                           "are checked against it", source.name, info["sha256"], info["size"], root / LOCK_NAME)
+    if source.extract_to is not None:
+        n = _safe_extract(dest, root / source.extract_to)
+        result["extracted_files"] = n
+        missing = [p for p in source.provides if not (root / p).exists()]
+        if missing:
+            raise DownloadError(f"{dest}: unpacked, but {missing} are still missing under {root}; "
+                                f"the archive's layout is not the expected one")
+        if delete_archives:
+            dest.unlink()
+    result["path"] = str(root / source.provides[0]) if source.provides else str(dest)
+    return result
+
+
+def download(what: str | list[str], data_root: str | os.PathLike, **kw) -> list[dict]:
+    """:func:`ensure` every item of ``what`` (comma list, groups ``paper`` / ``refer`` allowed)."""
+    return [ensure(s, data_root, **kw) for s in resolve_names(what)]
+
+
+# --------------------------------------------------------------------------- prepare (notebook 00)
+
+
+def prepare(cfg: dict) -> dict:
+    """``data.world: refer`` (the paper profile): check / download what the profile needs, return statistics.
+
+    Keys read from ``cfg`` (the profile's ``data`` section merged with ``shared``): ``data_root``,
+    ``datasets`` (list of ``{name, split_by}``), ``need`` (``--what`` names, default: the datasets +
+    ``coco-train2014``), ``download`` (bool: fetch what is missing; false = only check and say what to run),
+    ``pseudo_split`` (dataset/split whose unique images step 1 uses, e.g. ``{dataset: refcoco+, split_by:
+    unc, split: train}``).
+
+    Returns flat statistics (``data.<dataset>.<split>.refs`` ..., ``data.train2014_images``).
+    """
+    from .data.refer import load_refer, select_split
+
+    root = Path(cfg["data_root"])
+    datasets = cfg.get("datasets") or [{"name": "refcoco+", "split_by": "unc"}]
+    need = cfg.get("need") or [*(d["name"] for d in datasets), "coco-train2014"]
+    missing = [s for s in resolve_names(need) if not is_present(s, root)]
+    if missing and cfg.get("download", False):
+        download([s.name for s in missing], root, progress=cfg.get("progress", True))
+        missing = [s for s in missing if not is_present(s, root)]
+    if missing:
+        names = ",".join(s.name for s in missing)
+        raise FileNotFoundError(
+            f"the paper profile needs {names} under data_root={root}, which are missing. Run\n"
+            f"  python -m ris_utils download --what {names} --data-root {root}\n"
+            f"or set data.download: true in the profile (papermill_runs/{cfg.get('profile', 'paper')}.yaml)."
+        )
+    stats: dict = {}
+    img_dir = root / "images/mscoco/images/train2014"
+    if img_dir.is_dir():
+        stats["data.train2014_images"] = sum(1 for _ in img_dir.glob("*.jpg"))
+    for d in datasets:
+        data = load_refer(root, d["name"], d["split_by"])
+        splits = sorted({r["split"] for r in data.refs})
+        for split in splits:
+            refs = select_split(data.refs, split)
+            stats[f"data.{d['name']}.{split}.refs"] = len(refs)
+            stats[f"data.{d['name']}.{split}.sentences"] = sum(len(r["sentences"]) for r in refs)
+            stats[f"data.{d['name']}.{split}.images"] = len({r["image_id"] for r in refs})
+    ps = cfg.get("pseudo_split")
+    if ps:
+        data = load_refer(root, ps["dataset"], ps["split_by"])
+        stats["data.pseudo_images"] = len({r["image_id"] for r in select_split(data.refs, ps["split"])})
+    return stats
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _table() -> str:
+    lines = [f"{'name':<16} {'size':>12}  {'checksum':<8} note"]
+    for s in SOURCES.values():
+        size = "manual" if s.manual else (f"{s.size / 1e9:.2f} GB" if s.size else "?")
+        check = "sha256" if s.sha256 else ("md5" if s.md5 else ("-" if s.manual else "lock"))
+        lines.append(f"{s.name:<16} {size:>12}  {check:<8} {s.note}")
+    groups = "; ".join(f"{k} = {','.join(v)}" for k, v in GROUPS.items())
+    lines.append(f"groups: {groups}")
+    lines.append("lock = no published checksum: sha256 recorded in DIR/checksums.lock.json on first download")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m ris_utils download",
+        description="Download and verify the paper profile's datasets and checkpoints (resumable).",
+        epilog="open_clip weights (CoCa, CLIP) are not downloaded here: open_clip's pretrained= fetches them.",
+    )
+    ap.add_argument("--what", default="paper", help="comma list of items or groups (see --list); default: paper")
+    ap.add_argument("--data-root", default="data/paper", help="target folder (REFER layout); default data/paper")
+    ap.add_argument("--list", action="store_true", help="print the source table and exit")
+    ap.add_argument("--verify", action="store_true", help="re-hash files already present (when the archive is kept)")
+    ap.add_argument("--delete-archives", action="store_true", help="delete zip archives after unpacking")
+    ap.add_argument("--retries", type=int, default=5, help="resume attempts after a cut connection")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.list:
+        print(_table())
+        return 0
+    try:
+        sources = resolve_names(args.what)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for s in sources:
+        try:
+            r = ensure(s, args.data_root, verify_existing=args.verify, delete_archives=args.delete_archives,
+                       progress=not args.no_progress, retries=args.retries, timeout=args.timeout)
+            extra = " (no published checksum: recorded in checksums.lock.json)" if r.get("recorded") else ""
+            print(f"[download] {s.name}: {r['status']} -> {r['path']}{extra}")
+        except OfflineError as e:
+            print(f"[download] {s.name}: OFFLINE: {e}", file=sys.stderr)
+            return 3
+        except (DownloadError, OSError, zipfile.BadZipFile) as e:
+            print(f"[download] {s.name}: FAILED: {e}", file=sys.stderr)
+            failed += 1
+    if failed:
+        return 1
+    print(f"[download] done; data root {Path(args.data_root).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cli())
