@@ -487,8 +487,6 @@ def prepare(cfg: dict) -> dict:
 
     Returns flat statistics (``data.<dataset>.<split>.refs`` ..., ``data.train2014_images``).
     """
-    from .data.refer import load_refer, select_split
-
     root = Path(cfg["data_root"])
     datasets = cfg.get("datasets") or [{"name": "refcoco+", "split_by": "unc"}]
     need = cfg.get("need") or [*(d["name"] for d in datasets), "coco-train2014"]
@@ -503,22 +501,30 @@ def prepare(cfg: dict) -> dict:
             f"  python -m ris_utils download --what {names} --data-root {root}\n"
             f"or set data.download: true in the profile (papermill_runs/{cfg.get('profile', 'paper')}.yaml)."
         )
+    return refer_statistics(root, datasets, cfg.get("pseudo_split"))
+
+
+def refer_statistics(data_root: str | os.PathLike, datasets: list[dict], pseudo_split: dict | None = None) -> dict:
+    """Counts of a REFER-layout data root: ``data.<dataset>.<split>.{refs,sentences,images}``,
+    ``data.train2014_images`` (files in the REFER image folder) and ``data.pseudo_images`` (unique images of
+    ``pseudo_split = {dataset, split_by, split}``, the images step 1 runs on)."""
+    from .data.refer import load_refer, select_split
+
+    root = Path(data_root)
     stats: dict = {}
     img_dir = root / "images/mscoco/images/train2014"
     if img_dir.is_dir():
-        stats["data.train2014_images"] = sum(1 for _ in img_dir.glob("*.jpg"))
+        stats["data.train2014_images"] = sum(1 for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".png"))
     for d in datasets:
         data = load_refer(root, d["name"], d["split_by"])
-        splits = sorted({r["split"] for r in data.refs})
-        for split in splits:
+        for split in sorted({r["split"] for r in data.refs}):
             refs = select_split(data.refs, split)
             stats[f"data.{d['name']}.{split}.refs"] = len(refs)
             stats[f"data.{d['name']}.{split}.sentences"] = sum(len(r["sentences"]) for r in refs)
             stats[f"data.{d['name']}.{split}.images"] = len({r["image_id"] for r in refs})
-    ps = cfg.get("pseudo_split")
-    if ps:
-        data = load_refer(root, ps["dataset"], ps["split_by"])
-        stats["data.pseudo_images"] = len({r["image_id"] for r in select_split(data.refs, ps["split"])})
+    if pseudo_split:
+        data = load_refer(root, pseudo_split["dataset"], pseudo_split["split_by"])
+        stats["data.pseudo_images"] = len({r["image_id"] for r in select_split(data.refs, pseudo_split["split"])})
     return stats
 
 
