@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -75,16 +76,12 @@ def fingerprint(obj) -> str:
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """``(rank, world_size)``: the arguments, else an initialised process group, else ``RANK``/``WORLD_SIZE``."""
     if rank is None or world_size is None:
-        r, w = 0, 1
-        try:
+        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if "torch" in sys.modules:  # a process group can only exist when torch is loaded (saves its import)
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
                 r, w = dist.get_rank(), dist.get_world_size()
-            else:
-                r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        except ImportError:  # pragma: no cover - torch is a dependency
-            r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
@@ -219,10 +216,10 @@ def _barrier() -> None:
 
 
 def _dist_ready() -> bool:
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover
+    if "torch" not in sys.modules:
         return False
+    import torch.distributed as dist
+
     return dist.is_available() and dist.is_initialized()
 
 
