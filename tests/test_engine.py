@@ -230,7 +230,6 @@ assert summary["merged"] and summary["ok"] == len(items), summary
 """
 
 
-@pytest.mark.slow
 def test_torchrun_two_ranks_merge_equals_one_process(tmp_path):
     from ris_utils import masks
 
