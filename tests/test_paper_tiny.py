@@ -1,0 +1,117 @@
+"""The paper-tiny profile: its sample data (ris_utils.data.samples) and its end-to-end papermill run.
+
+The end-to-end test runs every numbered notebook of the repository under ``paper-tiny`` through
+``ris_utils.runs.run_profile`` on CPU (tiny random-init models) and checks that metrics.json holds the numbers
+each step must record. It proves the wiring of the paper's code path, not its quality.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ris_utils import profiles
+from ris_utils.data import refer, samples
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper_tiny_data")
+    stats = samples.prepare({"data_root": str(root), "max_side": 160,
+                             "datasets": [{"name": "refcoco+", "split_by": "unc"},
+                                          {"name": "refcocog", "split_by": "umd"}],
+                             "pseudo_split": {"dataset": "refcoco+", "split_by": "unc", "split": "train"}})
+    return root, stats
+
+
+def test_samples_are_written_in_the_refer_layout(tiny_root):
+    root, stats = tiny_root
+    n_photos = len(samples.SPLITS)
+    assert stats["data.train2014_images"] == n_photos
+    assert stats["data.pseudo_images"] == sum(s == "train" for s in samples.SPLITS.values())
+    for name, split_by in (("refcoco+", "unc"), ("refcocog", "umd")):
+        data = refer.load_refer(root, name, split_by)
+        assert {r["split"] for r in data.refs} == {"train", "val", "testA", "testB"}
+        for ref in data.refs:
+            img = data.imgs[ref["image_id"]]
+            path = data.image_path(ref["image_id"])  # found where the REFER toolkit looks
+            assert path.parent == root / samples.IMAGE_DIR
+            m = data.get_mask(ref)
+            assert m.shape == (img["height"], img["width"]) and 0 < m.sum() < m.size
+            assert max(img["height"], img["width"]) == 160
+            assert ref["sentences"] and all(s["tokens"] for s in ref["sentences"])
+    # splits are by image, as in RefCOCO
+    data = refer.load_refer(root, "refcoco+", "unc")
+    by_image = {}
+    for r in data.refs:
+        by_image.setdefault(r["image_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_image.values())
+
+
+def test_samples_are_deterministic_and_masks_follow_the_photos():
+    a = samples.build_samples(max_side=96)
+    b = samples.build_samples(max_side=96)
+    assert a[1] == b[1] and a[2] == b[2] and a[3] == b[3]
+    assert all(np.array_equal(a[0][k], b[0][k]) for k in a[0])
+    photos, refs, images, anns = a
+    # the coin masks come from thresholding: the three coins are disjoint and brighter than the background
+    coin_img = next(im for im in images if im["file_name"] == "sample_coins.jpg")
+    coin_anns = [x for x in anns if x["image_id"] == coin_img["id"]]
+    masks = [refer.decode_segmentation(x["segmentation"], coin_img["height"], coin_img["width"]).astype(bool)
+             for x in coin_anns]
+    gray = photos["sample_coins.jpg"].mean(axis=2)
+    assert not (masks[0] & masks[1]).any() and not (masks[1] & masks[2]).any()
+    background = ~np.logical_or.reduce(masks)
+    assert all(gray[m].mean() > gray[background].mean() + 20 for m in masks)
+    # "the largest coin" is the largest of the three
+    assert masks[0].sum() > masks[1].sum() and masks[0].sum() > masks[2].sum()
+
+
+def test_unknown_photo_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown sample photo 'lena'"):
+        samples.build_samples(photos=["lena"])
+
+
+def test_paper_and_paper_tiny_profiles_have_the_same_keys():
+    """paper-tiny runs the paper's code path: same sections, and every key of a paper step exists in tiny."""
+    paper, tiny = profiles.load_profile("paper"), profiles.load_profile("paper-tiny")
+    assert set(paper) == set(tiny)
+    for section in ("masks", "captions", "filter", "export", "ris"):  # (data differs: another world)
+        missing = set(paper[section]) - set(tiny[section])
+        assert not missing, f"paper-tiny.{section} lacks {sorted(missing)}"
+    assert paper["data"]["world"] == "refer" and tiny["data"]["world"] == "samples"
+
+
+# --------------------------------------------------------------------------- end to end (papermill)
+
+#: metric keys each notebook must record under paper-tiny (by notebook number)
+EXPECTED_KEYS = {
+    "00": ["data.train2014_images", "data.pseudo_images"],
+}
+
+
+@pytest.mark.slow
+def test_paper_tiny_end_to_end_through_papermill():
+    from ris_utils.runs import find_notebooks, run_profile
+
+    root = profiles.project_root()
+    notebooks = find_notebooks(root / "notebooks")
+    if not notebooks:
+        pytest.skip("no numbered notebooks in notebooks/ yet")
+    for key in ("data_root", "work_dir"):  # a fresh run: tiny outputs only, both git-ignored
+        path = profiles.step_config("paper-tiny", "shared")[key]
+        shutil.rmtree(path, ignore_errors=True)
+    out = profiles.output_dir("paper-tiny")
+    (out / "metrics.json").unlink(missing_ok=True)
+    metrics = run_profile("paper-tiny", progress=False)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    for nb in notebooks:
+        assert f"runtime.{nb.stem}.seconds" in metrics
+        for key in EXPECTED_KEYS.get(nb.name[:2], []):
+            assert key in metrics, f"{nb.name} did not record {key}"
+        executed = (out / nb.name).read_text()
+        assert "paper-tiny" in executed and "wiring" in executed, f"{nb.name} does not say it proves the wiring"
