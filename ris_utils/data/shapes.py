@@ -824,13 +824,18 @@ def object_masks(source, image_id: int | None = None) -> dict[int, np.ndarray]:
 def prepare(cfg: dict) -> dict:
     """Notebook 00 / ``ris_utils.data.prepare`` entry: make the world exist under ``cfg["data_root"]``.
 
-    Uses ``cfg["seed"]``, ``cfg["n_images"]``, ``cfg["image_size"]``. Skips generation when
+    Uses ``cfg["seed"]``, ``cfg["n_images"]``, ``cfg["image_size"]`` (``cfg["datasets"]``, if given, must
+    name datasets this world writes). Skips generation when
     ``manifest.json`` records the same settings and world version and the files' checksum still matches;
     returns the statistics plus ``regenerated`` (0/1) and ``seconds``.
     """
     if not cfg.get("data_root"):
         raise ValueError(f"data.data_root is not set (profile {cfg.get('profile')})")
     root = Path(cfg["data_root"])
+    for d in cfg.get("datasets") or []:
+        if d.get("name") not in DATASETS or d.get("split_by", SPLIT_BY) != SPLIT_BY:
+            raise ValueError(f"data.datasets: the shapes world writes {list(DATASETS)} with split_by "
+                             f"{SPLIT_BY!r}, got {d} (profile {cfg.get('profile')})")
     counts = _split_counts(cfg.get("n_images") or {"train": 600, "val": 150, "testA": 100, "testB": 100})
     settings = {"seed": int(cfg.get("seed", 0)), "n_images": counts, "image_size": int(cfg.get("image_size", 128))}
     t0 = time.perf_counter()
