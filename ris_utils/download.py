@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 USER_AGENT = "pseudo-ris-downloader/0.1 (+https://github.com/pseudo-ris/pseudo-ris)"
 LOCK_NAME = "checksums.lock.json"
+COCO_TRAIN2014_IMAGES = 82_783
 CHUNK = 1 << 20
 
 
@@ -386,10 +387,22 @@ def resolve_names(what: str | list[str]) -> list[Source]:
     return out
 
 
+def _marker(source: Source, root: Path) -> Path:
+    return root / ".extracted" / source.name
+
+
 def is_present(source: Source, data_root: str | os.PathLike) -> bool:
-    """Whether everything ``source`` provides is already under ``data_root``."""
+    """Whether everything ``source`` provides is already under ``data_root``.
+
+    An archive still in ``downloads/`` without its ``.extracted/<name>`` marker means an unpacking that was
+    interrupted: not present (it is unpacked again). Files placed by hand (no archive) count as present.
+    """
     root = Path(data_root)
-    return bool(source.provides) and all((root / p).exists() for p in source.provides)
+    if not source.provides or not all((root / p).exists() for p in source.provides):
+        return False
+    if source.extract_to is not None and (root / source.dest / source.filename).exists():
+        return _marker(source, root).exists()
+    return True
 
 
 def _safe_extract(archive: Path, target: Path) -> int:
@@ -462,6 +475,8 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
         if missing:
             raise DownloadError(f"{dest}: unpacked, but {missing} are still missing under {root}; "
                                 f"the archive's layout is not the expected one")
+        _marker(source, root).parent.mkdir(parents=True, exist_ok=True)
+        _marker(source, root).write_text(json.dumps({"sha256": info["sha256"], "files": n}))
         if delete_archives:
             dest.unlink()
     result["path"] = str(root / source.provides[0]) if source.provides else str(dest)
@@ -501,7 +516,12 @@ def prepare(cfg: dict) -> dict:
             f"  python -m ris_utils download --what {names} --data-root {root}\n"
             f"or set data.download: true in the profile (papermill_runs/{cfg.get('profile', 'paper')}.yaml)."
         )
-    return refer_statistics(root, datasets, cfg.get("pseudo_split"))
+    stats = refer_statistics(root, datasets, cfg.get("pseudo_split"))
+    n_coco = stats.get("data.train2014_images")
+    if "coco-train2014" in need and n_coco is not None and n_coco < COCO_TRAIN2014_IMAGES:
+        logger.warning("%s holds %d images, COCO train2014 has %d: images of some refs may be missing",
+                       root / "images/mscoco/images/train2014", n_coco, COCO_TRAIN2014_IMAGES)
+    return stats
 
 
 def refer_statistics(data_root: str | os.PathLike, datasets: list[dict], pseudo_split: dict | None = None) -> dict:

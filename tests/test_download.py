@@ -261,3 +261,27 @@ def test_what_names_and_groups():
         assert s.manual or (s.urls and s.filename and s.provides), s.name
         assert all(u.startswith(("http://", "https://")) for u in s.urls)
     assert os.fspath(dl.SOURCES["coco-train2014"].extract_to) == "images/mscoco/images"
+
+
+def test_interrupted_unpacking_is_redone(server, tmp_path):
+    body = _refer_zip(tmp_path)
+    root = tmp_path / "data"
+    src = _source(server, "/refcoco.zip", body, name="refcoco", extract_to=".",
+                  provides=("refcoco/refs(unc).p", "refcoco/instances.json"))
+    dl.ensure(src, root, progress=False)
+    assert dl.is_present(src, root)
+    (root / ".extracted" / "refcoco").unlink()  # as if the process died while unpacking
+    (root / "refcoco" / "instances.json").write_text("{trunc")
+    assert not dl.is_present(src, root)
+    r = dl.ensure(src, root, progress=False)
+    assert r["status"] == "verified"  # the kept archive is re-verified and unpacked again, no new download
+    assert len(refer.load_refer(root, "refcoco", "unc").refs) == 2
+    assert sum(p == "/refcoco.zip" for p, _ in server.requests) == 1
+
+
+def test_dispatcher_maps_download(capsys):
+    from ris_utils.__main__ import main
+
+    assert main(["download", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "sam-vit-h" in out and "coco-train2014" in out and "checksums.lock.json" in out
