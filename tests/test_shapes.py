@@ -245,6 +245,16 @@ def test_load_refer_and_masks_match_scenes(world):
         scene = scenes[ref["image_id"]]
         o = next(o for o in scene.objects if o.ann_id == ref["ann_id"])
         assert np.array_equal(data.get_mask(ref), shapes.object_masks(scene)[o.obj_id])
+    scene = scenes[sorted(scenes)[0]]
+    masks = shapes.object_masks(scene)
+    o = scene.objects[0]
+    assert shapes.match_object(masks[o.obj_id], scene) == (o.obj_id, 1.0)
+    partial = masks[o.obj_id].copy()
+    ys, xs = np.nonzero(partial)
+    partial[ys[::10], xs[::10]] = 0  # 90% of the object
+    obj_id, iou = shapes.match_object(partial, masks)
+    assert obj_id == o.obj_id and 0.85 < iou < 0.95
+    assert shapes.match_object(np.zeros_like(partial), masks) == (None, 0.0)
     items = data.image_items("testA")
     assert items and all(Path(it["path"]).is_file() for it in items)
 

@@ -70,7 +70,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -125,8 +125,8 @@ LOCATION_FORMS = {
     "middle": (("middle", "central"), ("in the middle",)),
 }
 DIRECTION_WORDS = {w: d for d, (adj, _) in LOCATION_FORMS.items() for w in adj}
-DIRECTION_WORDS.update({"lowest": "bottom", "highest": "top", "uppermost": "top", "center": "middle",
-                        "centre": "middle"})
+DIRECTION_WORDS.update({"lowest": "bottom", "highest": "top", "higher": "top", "uppermost": "top",
+                        "center": "middle", "centre": "middle"})
 ORDINAL_WORDS = {"first": 1, "second": 2, "third": 3}
 FUNCTION_WORDS = ("a", "an", "the", "on", "at", "in", "from", "of", "one", "shape", "object")
 
@@ -189,8 +189,8 @@ class Scene:
     split: str = ""
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        return d
+        return {"image_id": self.image_id, "file_name": self.file_name, "height": self.height,
+                "width": self.width, "split": self.split, "objects": [vars(o).copy() for o in self.objects]}
 
     @classmethod
     def from_json(cls, d: dict) -> Scene:
@@ -228,22 +228,40 @@ def _polygon_vertices(shape: str, cx: float, cy: float, r: float) -> np.ndarray 
     return None
 
 
-def shape_mask(shape: str, center, radius: float, height: int, width: int) -> np.ndarray:
-    """HxW bool mask of one shape drawn around ``center`` = (x, y) within circumscribed ``radius``."""
+def _window(center, radius: float, height: int, width: int) -> tuple[slice, slice]:
+    """Rows / columns of the image that can hold a shape of ``radius`` around ``center`` = (x, y)."""
     cx, cy = float(center[0]), float(center[1])
-    m = np.zeros((height, width), bool)
+    y0, y1 = max(0, int(np.floor(cy - radius)) - 1), min(height, int(np.ceil(cy + radius)) + 2)
+    x0, x1 = max(0, int(np.floor(cx - radius)) - 1), min(width, int(np.ceil(cx + radius)) + 2)
+    return slice(y0, max(y0, y1)), slice(x0, max(x0, x1))
+
+
+def _local_mask(shape: str, center, radius: float, win: tuple[slice, slice]) -> np.ndarray:
+    """The shape's mask inside the window ``win`` (a bool array of the window's size)."""
+    ys, xs = win
+    h, w = ys.stop - ys.start, xs.stop - xs.start
+    cx, cy = float(center[0]) - xs.start, float(center[1]) - ys.start
+    m = np.zeros((h, w), bool)
     if shape in ("circle", "ring"):
-        rr, cc = draw.disk((cy, cx), radius, shape=(height, width))
+        rr, cc = draw.disk((cy, cx), radius, shape=(h, w))
         m[rr, cc] = True
         if shape == "ring":
-            rr, cc = draw.disk((cy, cx), 0.5 * radius, shape=(height, width))
+            rr, cc = draw.disk((cy, cx), 0.5 * radius, shape=(h, w))
             m[rr, cc] = False
         return m
     v = _polygon_vertices(shape, cx, cy, radius)
     if v is None:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    rr, cc = draw.polygon(v[:, 1], v[:, 0], shape=(height, width))
+    rr, cc = draw.polygon(v[:, 1], v[:, 0], shape=(h, w))
     m[rr, cc] = True
+    return m
+
+
+def shape_mask(shape: str, center, radius: float, height: int, width: int) -> np.ndarray:
+    """HxW bool mask of one shape drawn around ``center`` = (x, y) within circumscribed ``radius``."""
+    win = _window(center, radius, height, width)
+    m = np.zeros((height, width), bool)
+    m[win] = _local_mask(shape, center, radius, win)
     return m
 
 
@@ -279,13 +297,15 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.mgrid[0:h, 0:w])
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, color: str, pattern: str, rng: np.random.Generator) -> None:
-    """Fill ``mask`` of the HxWx3 float image with the colour and the fill pattern (in place)."""
-    h, w = mask.shape
+def _paint(img: np.ndarray, mask: np.ndarray, win: tuple[slice, slice], color: str, pattern: str,
+           rng: np.random.Generator) -> None:
+    """Fill the local ``mask`` (inside window ``win`` of the HxWx3 float image) with the colour and the
+    fill pattern, in place. Patterns are anchored to image coordinates."""
     rgb = np.asarray(COLORS[color], np.float32)
     light = 0.45 * rgb + 0.55 * 255.0
-    unit = max(2, round(w / 48))
-    yy, xx = _grid(h, w)
+    unit = max(2, round(img.shape[1] / 48))
+    yy, xx = _grid(img.shape[0], img.shape[1])
+    yy, xx = yy[win], xx[win]
     if pattern == "striped":
         alt = ((xx + yy) // (unit + 1)) % 2 == 1
     elif pattern == "dotted":
@@ -293,9 +313,10 @@ def _paint(img: np.ndarray, mask: np.ndarray, color: str, pattern: str, rng: np.
         alt = (xx % period < unit) & (yy % period < unit)
     else:
         alt = np.zeros_like(mask)
-    img[mask] = rgb
-    img[mask & alt] = light
-    img[mask] += 3 * rng.standard_normal(size=(int(mask.sum()), 3), dtype=np.float32)
+    sub = img[win]
+    sub[mask] = rgb
+    sub[mask & alt] = light
+    sub[mask] += 3 * rng.standard_normal(size=(int(mask.sum()), 3), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- scene sampling
@@ -353,14 +374,18 @@ def make_scene(rng: np.random.Generator, image_id: int, split: str, size: int, f
     for k, i in enumerate(keep):
         a = attrs[i]
         center, radius = [round(centres[i][0], 4), round(centres[i][1], 4)], round(radii[i], 4)
-        m = shape_mask(a["shape"], center, radius, size, size)
-        _paint(img, m, a["color"], a["pattern"], rng)
-        ys, xs = np.nonzero(m)
+        win = _window(center, radius, size, size)
+        local = _local_mask(a["shape"], center, radius, win)
+        _paint(img, local, win, a["color"], a["pattern"], rng)
+        ys, xs = np.nonzero(local)
+        ys, xs = ys + win[0].start, xs + win[1].start
+        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
         objects.append(ShapeObject(
-            obj_id=k, ann_id=first_ann_id + k, **a, bbox=refer.mask_bbox_xywh(m),
-            centroid=[round(float(xs.mean()), 3), round(float(ys.mean()), 3)], area=int(m.sum()),
+            obj_id=k, ann_id=first_ann_id + k, **a, bbox=bbox,
+            centroid=[round(float(xs.mean()), 3), round(float(ys.mean()), 3)], area=int(len(xs)),
             center=center, radius=radius))
-        masks[k] = m
+        masks[k] = np.zeros((size, size), bool)
+        masks[k][win] = local
     scene = Scene(image_id=image_id, file_name=f"shapes_{image_id:06d}.png", height=size, width=size,
                   objects=objects, split=split)
     return scene, np.clip(np.rint(img), 0, 255).astype(np.uint8), masks
@@ -427,7 +452,9 @@ def parse_expression(expression: str) -> dict:
 
 
 def _select(scene: Scene, shape: str | None, attrs: dict, locations: list[tuple[str, int]]) -> list[ShapeObject]:
-    objs = [o for o in scene.objects if o.shape == shape and all(getattr(o, k) == v for k, v in attrs.items())]
+    objs = [o for o in scene.objects if o.shape == shape]
+    for k, v in attrs.items():
+        objs = [o for o in objs if getattr(o, k) == v]
     for direction, ordinal in locations:
         objs = _locate(objs, direction, ordinal, scene)
     return objs
@@ -816,6 +843,32 @@ def object_masks(source, image_id: int | None = None) -> dict[int, np.ndarray]:
             raise ValueError(f"{ip}: no annotation {o.ann_id} for object {o.obj_id} of image {image_id}")
         out[o.obj_id] = refer.decode_segmentation(anns[o.ann_id]["segmentation"], scene.height, scene.width)
     return out
+
+
+def match_object(mask: np.ndarray, masks: dict[int, np.ndarray] | Scene, min_iou: float = 0.5
+                 ) -> tuple[int | None, float]:
+    """The ground-truth object a predicted / proposed mask stands for (DESIGN.md, distinct rate).
+
+    Arguments:
+      mask: HxW binary mask.
+      masks: ``{obj_id: HxW mask}`` (from :func:`object_masks`) or a :class:`Scene`.
+      min_iou: below this best IoU the mask is "unmatched".
+    Returns:
+      ``(obj_id, iou)`` of the object with the highest IoU, or ``(None, best_iou)`` when it is < min_iou.
+    """
+    if isinstance(masks, Scene):
+        masks = object_masks(masks)
+    m = np.asarray(mask) != 0
+    best, best_iou = None, 0.0
+    for obj_id, gt in masks.items():
+        g = np.asarray(gt) != 0
+        if g.shape != m.shape:
+            raise ValueError(f"match_object: mask shape {m.shape} != object {obj_id} mask shape {g.shape}")
+        union = int(np.logical_or(m, g).sum())
+        iou = int(np.logical_and(m, g).sum()) / union if union else 0.0
+        if iou > best_iou:
+            best, best_iou = obj_id, iou
+    return (best, best_iou) if best_iou >= min_iou else (None, best_iou)
 
 
 # --------------------------------------------------------------------------- prepare / CLI
