@@ -570,7 +570,9 @@ def cli(argv: list[str] | None = None) -> int:
         epilog="open_clip weights (CoCa, CLIP) are not downloaded here: open_clip's pretrained= fetches them.",
     )
     ap.add_argument("--what", default="paper", help="comma list of items or groups (see --list); default: paper")
-    ap.add_argument("--data-root", default="data/paper", help="target folder (REFER layout); default data/paper")
+    ap.add_argument("--data-root", default=None,
+                    help="target folder (REFER layout); default: shared.data_root of --profile (data/paper)")
+    ap.add_argument("--profile", default="paper", help="profile whose data_root is the default (default: paper)")
     ap.add_argument("--list", action="store_true", help="print the source table and exit")
     ap.add_argument("--verify", action="store_true", help="re-hash files already present (when the archive is kept)")
     ap.add_argument("--delete-archives", action="store_true", help="delete zip archives after unpacking")
@@ -587,6 +589,10 @@ def cli(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.data_root is None:
+        from .profiles import step_config
+
+        args.data_root = step_config(args.profile, "shared")["data_root"]
     failed = 0
     for s in sources:
         try:
