@@ -267,7 +267,7 @@ def run(
       merge (a rank > 0 without a process group, or ``merge_output=False``) the summary of this rank's
       shard only, with ``"merged": False``.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if not isinstance(step, str) or not step or "/" in step or " " in step:
         raise ValueError(f"engine: step must be a short name without '/' or spaces, got {step!r}")
@@ -307,6 +307,7 @@ def run(
     bar = tqdm(
         total=len(mine), initial=len(mine) - len(todo), desc=label, unit="img", disable=not progress,
         position=rank if world_size > 1 else None, dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,  # logs / notebooks: a line every 15 s at most
     )
     t0 = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
