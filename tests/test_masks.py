@@ -181,10 +181,11 @@ def test_components_recall_on_generated_shapes_val(tmp_path):
     shapes.generate_world(tmp_path / "world", n_images={"train": 2, "val": 30, "testA": 1, "testB": 1}, seed=3)
     cfg = step_config("shapes", "masks", data_root=str(tmp_path / "world"), work_dir=str(tmp_path / "work"))
     assert cfg["backend"] == "components"
-    items = masks.split_items(cfg, "val")
-    assert len(items) == 30
-    s = masks.run_masks(cfg, items, masks.output_dir_for(cfg, "val"), progress=False)
-    assert s["ok"] == 30
+    assert len(masks.split_items(cfg, "val")) == 30
+    # through the CLI: python -m ris_utils masks --split val --profile shapes --param ...
+    params = ["--param", f"data_root={tmp_path / 'world'}", "--param", f"work_dir={tmp_path / 'work'}"]
+    assert masks.cli(["--split", "val", "--profile", "shapes", "--no-progress", *params]) == 0
+    assert engine.read_summary(masks.output_dir_for(cfg, "val"))["ok"] == 30
     q = masks.proposal_quality(engine.read_records(masks.output_dir_for(cfg, "val")), masks.gt_masks(cfg, "val"))
     assert q["n_gt"] >= 90
     assert q["recall_at_0.5"] >= 0.95 and q["mean_best_iou"] >= 0.85, q
@@ -192,3 +193,22 @@ def test_components_recall_on_generated_shapes_val(tmp_path):
     # the backend only sees pixels: a blank image yields nothing
     seg = masks.ComponentsSegmenter()
     assert seg.generate(np.full((64, 64, 3), 200, np.uint8)) == []
+
+
+def test_cli_images_folder_and_refusal_to_mix_settings(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    img = np.full((40, 40, 3), 215, np.uint8)
+    img[8:24, 10:30] = (200, 30, 40)
+    Image.fromarray(img).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "b.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    assert masks.cli(["--images", str(tmp_path / "imgs"), "--out", str(out), "--profile", "shapes",
+                      "--no-progress"]) == 0
+    recs = {r["image_id"]: r for r in engine.read_records(out)}
+    assert recs["a.png"]["status"] == "ok" and recs["b.jpg"]["status"] == "error"
+    m = masks.rle_to_mask(recs["a.png"]["proposals"][0]["segmentation"])
+    assert m[8:24, 10:30].all() and m.sum() == 16 * 20
+    # same folder, other settings: refused with a clear message, nothing mixed
+    assert masks.cli(["--images", str(tmp_path / "imgs"), "--out", str(out), "--profile", "shapes",
+                      "--param", "components.min_area=50", "--no-progress"]) == 2
+    assert "different config" in capsys.readouterr().err
