@@ -263,15 +263,20 @@ def test_prepare_skips_when_unchanged(tmp_path):
     cfg = {"data_root": str(tmp_path / "w"), "seed": 1, "n_images": {"train": 4, "val": 2, "testA": 1, "testB": 1},
            "image_size": 96, "world": "shapes"}
     first = shapes.prepare(cfg)
-    assert first["regenerated"] == 1 and first["images"]["train"] == 4
+    assert first["data.regenerated"] == 1 and first["data.images.train"] == 4
+    assert first["data.world"] == "shapes" and "data.refs.shapes+.val" in first
+    mtime = (tmp_path / "w" / "scenes.json").stat().st_mtime_ns
     again = shapes.prepare(cfg)
-    assert again["regenerated"] == 0
-    assert {k: v for k, v in again.items() if k not in ("regenerated", "seconds")} == \
-        {k: v for k, v in first.items() if k not in ("regenerated", "seconds")}
+    assert again["data.regenerated"] == 0
+    assert (tmp_path / "w" / "scenes.json").stat().st_mtime_ns == mtime
+    skip = ("data.regenerated", "data.seconds")
+    assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in first.items() if k not in skip}
     png = next((tmp_path / "w" / "images").glob("*.png"))
     png.write_bytes(png.read_bytes() + b"x")  # a damaged file -> regenerate
-    assert shapes.prepare(cfg)["regenerated"] == 1
-    assert shapes.prepare({**cfg, "seed": 2})["regenerated"] == 1
+    assert shapes.prepare(cfg)["data.regenerated"] == 1
+    assert shapes.prepare({**cfg, "seed": 2})["data.regenerated"] == 1
+    with pytest.raises(ValueError, match="data.datasets"):
+        shapes.prepare({**cfg, "datasets": [{"name": "refcoco", "split_by": "unc"}]})
     assert shapes.load_scenes(tmp_path / "w")[1].width == 96
 
 

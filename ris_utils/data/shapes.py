@@ -879,8 +879,10 @@ def prepare(cfg: dict) -> dict:
 
     Uses ``cfg["seed"]``, ``cfg["n_images"]``, ``cfg["image_size"]`` (``cfg["datasets"]``, if given, must
     name datasets this world writes). Skips generation when
-    ``manifest.json`` records the same settings and world version and the files' checksum still matches;
-    returns the statistics plus ``regenerated`` (0/1) and ``seconds``.
+    ``manifest.json`` records the same settings and world version and the files' checksum still matches.
+    Returns the statistics of :func:`world_statistics` as flat keys (``data.images.train``,
+    ``data.refs.shapes.val``, ``data.same_shape_share``, ...) plus ``data.world``, ``data.regenerated``
+    (0/1) and ``data.seconds``.
     """
     if not cfg.get("data_root"):
         raise ValueError(f"data.data_root is not set (profile {cfg.get('profile')})")
@@ -901,9 +903,24 @@ def prepare(cfg: dict) -> dict:
         if (manifest.get("version") == WORLD_VERSION and manifest.get("settings") == settings
                 and (manifest.get("checksum"), manifest.get("n_files")) == _file_checksum(root)):
             logger.info("shapes world under %s is up to date; not regenerated", root)
-            return {**manifest["stats"], "regenerated": 0, "seconds": round(time.perf_counter() - t0, 3)}
+            return _flat_stats(manifest["stats"], regenerated=0, seconds=round(time.perf_counter() - t0, 3))
     stats = generate_world(root, counts, settings["seed"], settings["image_size"])
-    return {**stats, "regenerated": 1, "seconds": round(time.perf_counter() - t0, 3)}
+    return _flat_stats(stats, regenerated=1, seconds=round(time.perf_counter() - t0, 3))
+
+
+def _flat_stats(stats: dict, **extra) -> dict:
+    """Nested statistics -> flat ``data.<dotted>`` keys (as the other worlds' ``prepare`` return them)."""
+    out = {"data.world": "shapes"}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk({**stats, **extra}, "data.")
+    return out
 
 
 def _parse_counts(text: str):
