@@ -1,0 +1,393 @@
+"""Step 3 output: the pseudo-supervision as a REFER-format dataset, its dataset card, and the
+semi-supervised mix of human and pseudo refs.
+
+``python -m ris_utils export --candidates DIR --out DIR [--dataset refcoco+ --split-by pseudo]``
+reads filter records (``<work_dir>/filter/<mode>/<split>/records.jsonl``; or captions records with
+``--unfiltered``, for the naive / distinctive ablation rows) and writes::
+
+    <out>/<dataset>/refs(<split_by>).p     one ref per exported mask, split "train", every surviving caption
+                                           a sentence (with --unfiltered: every candidate)
+    <out>/<dataset>/instances.json         images, one annotation per exported mask (segmentation [RLE]),
+                                           categories = the head nouns (a mask's category: the most
+                                           frequent noun among its sentences, ties -> the first seen)
+    <out>/images/train2014/<file_name>     the images (symlinks by default; ``images: copy | none``), where
+                                           the REFER toolkit looks when its images/mscoco/... folder is
+                                           missing (LAVT / CRIS-style loaders: data_root=<out>)
+    <out>/candidates.jsonl                 every candidate: image, mask, text, view, setting, mode, noun,
+                                           target noun / caption score, DoC, keep, survivor, exported
+    <out>/dataset_card.json / .md          counts: images, masks, expressions, survivors per mask, masks
+                                           dropped and why, fallbacks, keep rate per sampling setting / view
+
+The defaults (``dataset: refcoco+``, ``split_by: pseudo``) give ``<out>/refcoco+/refs(pseudo).p``: the
+REFER toolkit only accepts the RefCOCO-family dataset names, so LAVT / CRIS-style code reads the export by
+pointing its data root at ``<out>`` and its split_by at ``pseudo``. Ids: image ids are kept (the source
+records' ``image_id`` when it is an int, else 1..N in record order), annotation / ref / sentence ids are
+1..N in record order.
+
+``python -m ris_utils mix --pseudo DIR --human REFER_DIR --fraction F --seed S --out DIR`` writes one
+REFER-format training set: the human refs (split ``train``) of ``round_half_up(F x N)`` of the N images
+with human train refs (sampled BY IMAGE with ``numpy.random.default_rng(S).permutation`` of the sorted
+image ids; ``round_half_up(x) = floor(x + 0.5)``), plus the pseudo refs of every pseudo image NOT among
+the sampled ones. Every ref keeps its origin in ``"source": "human" | "pseudo"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ris_utils.data import refer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "refcoco+"
+DEFAULT_SPLIT_BY = "pseudo"
+IMAGE_SUBDIR = "images/train2014"
+IMAGE_MODES = ("link", "copy", "none")
+
+
+def _read_records(candidates_dir) -> list[dict]:
+    from ris_utils import engine
+
+    return list(engine.read_records(candidates_dir))
+
+
+def _place_image(src: Path, dst: Path, mode: str) -> None:
+    if mode == "none" or dst.exists() or dst.is_symlink():
+        return
+    if not src.is_file():
+        raise FileNotFoundError(f"image {src} not found: set export images to 'none' or pass --images DIR")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "link":
+        os.symlink(os.path.abspath(src), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _summ(values) -> dict:
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return {"mean": 0.0, "median": 0.0, "min": 0, "max": 0}
+    return {"mean": round(float(v.mean()), 3), "median": float(np.median(v)), "min": int(v.min()),
+            "max": int(v.max())}
+
+
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
+
+
+def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, split_by: str = DEFAULT_SPLIT_BY,
+                   unfiltered: bool = False, images_dir=None, images: str = "link", dedupe: bool = False,
+                   name: str | None = None) -> dict:
+    """Write the REFER-format export of ``candidates_dir`` to ``out_dir`` (layout in the module docstring).
+
+    Arguments:
+      candidates_dir: folder with ``records.jsonl`` (filter records; captions records need ``unfiltered``).
+      out_dir: the export's data root.
+      dataset, split_by: ``<out>/<dataset>/refs(<split_by>).p``.
+      unfiltered: every candidate becomes a sentence (ignore ``survivors``; the ablation rows).
+      images_dir: where the source images are (for ``images`` link / copy); records' ``path`` wins.
+      images: ``"link"`` | ``"copy"`` | ``"none"``.
+      dedupe: write each distinct caption of a mask once (default: every candidate, duplicates included).
+      name: a label stored in the card.
+    Returns:
+      the dataset card (dict), also written to ``dataset_card.json`` / ``.md``.
+    """
+    if images not in IMAGE_MODES:
+        raise ValueError(f"export images must be one of {IMAGE_MODES}, got {images!r}")
+    candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    records = _read_records(candidates_dir)
+    is_filter = any("survivors" in m for r in records for m in (r.get("masks") or []))
+    if not is_filter and not unfiltered:
+        raise ValueError(f"{candidates_dir}/records.jsonl holds captions records (no 'survivors'): run the filter "
+                         f"step first, or export them with --unfiltered")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img_ids_int = all(isinstance(r["image_id"], int) for r in records)
+    images_out, anns, refs, cand_lines = [], [], [], []
+    cat_ids: dict[str, int] = {}
+    drop_reasons: Counter = Counter()
+    n_fallback = 0
+    survivors_per_mask, sentences_per_ref = [], []
+    setting_total, setting_kept, view_total, view_kept = Counter(), Counter(), Counter(), Counter()
+    n_masks = n_images_ok = n_failed = n_cands = n_kept = 0
+    ann_id = ref_id = sent_id = 1
+    for ri, rec in enumerate(records):
+        image_id = rec["image_id"] if img_ids_int else ri + 1
+        if rec.get("status", "ok") != "ok":
+            n_failed += 1
+            drop_reasons["image_error"] += len(rec.get("masks") or [])
+            continue
+        n_images_ok += 1
+        h, w = int(rec["height"]), int(rec["width"])
+        img_refs = 0
+        for t, m in enumerate(rec.get("masks") or []):  # t: the mask's column in noun_scores / caption_scores
+            n_masks += 1
+            cands = m.get("candidates") or []
+            if unfiltered:
+                surv = list(range(len(cands)))
+                dropped = None if cands else "no_candidates"
+            else:
+                surv = list(m.get("survivors") or [])
+                dropped = m.get("dropped") or (None if surv else "no_survivor")
+            if m.get("fallback"):
+                n_fallback += int(not unfiltered)
+            for ci, c in enumerate(cands):
+                n_cands += 1
+                keep = bool(c.get("keep", False))
+                n_kept += keep
+                setting_total[c.get("setting")] += 1
+                setting_kept[c.get("setting")] += keep
+                view_total[c.get("view")] += 1
+                view_kept[c.get("view")] += keep
+                ns, cs = c.get("noun_scores"), c.get("caption_scores")
+                cand_lines.append({
+                    "image_id": rec["image_id"], "file_name": rec.get("file_name"), "mask_index": m.get("mask_index", t),
+                    "candidate_index": ci, "text": c["text"], "view": c.get("view"), "setting": c.get("setting"),
+                    "mode": c.get("mode"), "noun": c.get("noun"),
+                    "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
+                    "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
+                    "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in surv,
+                    "exported": dropped is None and ci in surv,
+                })
+            if dropped is not None:
+                drop_reasons[dropped] += 1
+                continue
+            survivors_per_mask.append(len(surv))
+            texts = [cands[i]["text"] for i in surv]
+            if dedupe:
+                texts = list(dict.fromkeys(texts))
+            nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")]
+            if not nouns:
+                from ris_utils.text import rule_head_noun
+
+                nouns = [rule_head_noun(t) for t in texts]
+            noun = Counter(nouns).most_common(1)[0][0] if nouns else "object"
+            noun = noun or "object"
+            cid = cat_ids.setdefault(noun, len(cat_ids) + 1)
+            mask = refer.decode_segmentation(m["segmentation"], h, w)
+            ann = refer.make_annotation(ann_id, image_id, cid, mask)
+            anns.append(ann)
+            sents = [refer.make_sentence(t, sent_id + k) for k, t in enumerate(texts)]
+            sent_id += len(sents)
+            ref = refer.make_ref(ref_id, ann, "train", sents, rec.get("file_name") or "")
+            ref["mask_index"] = m.get("mask_index")
+            refs.append(ref)
+            sentences_per_ref.append(len(sents))
+            ann_id += 1
+            ref_id += 1
+            img_refs += 1
+        images_out.append({"id": image_id, "file_name": rec.get("file_name"), "height": h, "width": w,
+                           **({} if img_ids_int else {"original_id": rec["image_id"]})})
+        if img_refs and images != "none":
+            src = Path(rec["path"]) if rec.get("path") else Path(images_dir or ".") / rec["file_name"]
+            _place_image(src, out_dir / IMAGE_SUBDIR / rec["file_name"], images)
+    categories = [{"id": i, "name": n, "supercategory": "pseudo"} for n, i in cat_ids.items()]
+    cat_name = {i: n for n, i in cat_ids.items()}
+    refer.write_refer(out_dir, dataset, split_by, refs, images_out, anns, categories)
+    with open(out_dir / "candidates.jsonl", "w", encoding="utf-8") as f:
+        for line in cand_lines:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+    exported_images = len({r["image_id"] for r in refs})
+    card = {
+        "name": name or out_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
+        "dataset": dataset, "split_by": split_by, "split": "train",
+        "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
+        "images_dir": IMAGE_SUBDIR if images != "none" else None, "images_mode": images, "dedupe": dedupe,
+        "counts": {
+            "images": n_images_ok, "images_failed": n_failed, "images_with_refs": exported_images,
+            "masks": n_masks, "masks_exported": len(refs), "masks_dropped": int(sum(drop_reasons.values())),
+            "masks_dropped_by_reason": dict(sorted(drop_reasons.items())), "masks_fallback": n_fallback,
+            "candidates": n_cands, "candidates_kept_by_doc": n_kept,
+            "expressions": int(sum(sentences_per_ref)),
+            "unique_expressions": len({s["sent"] for r in refs for s in r["sentences"]}),
+            "categories": len(categories),
+        },
+        "survivors_per_mask": _summ(survivors_per_mask),
+        "sentences_per_ref": _summ(sentences_per_ref),
+        "keep_rate_by_setting": {str(k): round(setting_kept[k] / v, 4) for k, v in sorted(setting_total.items(),
+                                                                                         key=lambda kv: str(kv[0]))},
+        "keep_rate_by_view": {str(k): round(view_kept[k] / v, 4) for k, v in sorted(view_total.items(),
+                                                                                   key=lambda kv: str(kv[0]))},
+        "top_categories": dict(Counter(cat_name[r["category_id"]] for r in refs).most_common(20)),
+    }
+    (out_dir / "dataset_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out_dir / "dataset_card.md").write_text(card_markdown(card))
+    return card
+
+
+def card_markdown(card: dict) -> str:
+    """The dataset card as Markdown."""
+    c = card["counts"]
+    lines = [f"# Pseudo-RIS export: {card['name']}", "",
+             f"- source: `{card['source']}` ({'filtered by DoC' if card['filtered'] else 'unfiltered candidates'})",
+             f"- REFER file: `{card['refs_file']}` (dataset `{card['dataset']}`, split_by `{card['split_by']}`, "
+             f"split `{card['split']}`)",
+             f"- images: `{card['images_dir']}` ({card['images_mode']})", "", "| count | value |", "|---|---|"]
+    for k, v in c.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in v.items()) or "-"
+        lines.append(f"| {k} | {v} |")
+    lines += ["", "| per mask | mean | median | min | max |", "|---|---|---|---|---|"]
+    for key in ("survivors_per_mask", "sentences_per_ref"):
+        s = card[key]
+        lines.append(f"| {key} | {s['mean']} | {s['median']} | {s['min']} | {s['max']} |")
+    lines += ["", "Keep rate (DoC > 1) by sampling setting: "
+              + ", ".join(f"{k} {v}" for k, v in card["keep_rate_by_setting"].items()),
+              "", "Keep rate by view: " + ", ".join(f"{k} {v}" for k, v in card["keep_rate_by_view"].items()),
+              "", "Top categories (head nouns): "
+              + ", ".join(f"{k} ({v})" for k, v in (card.get("top_categories") or {}).items()), ""]
+    return "\n".join(lines)
+
+
+def load_export(out_dir, card: dict | None = None) -> refer.ReferData:
+    """Load an export with :func:`ris_utils.data.refer.load_refer` (dataset / split_by from its card)."""
+    out_dir = Path(out_dir)
+    card = card or json.loads((out_dir / "dataset_card.json").read_text())
+    return refer.load_refer(out_dir, card["dataset"], card["split_by"])
+
+
+# --------------------------------------------------------------------------- semi-supervised mix
+
+
+def round_half_up(x: float) -> int:
+    """``floor(x + 0.5)``: the number of human images of a mix (0.5 rounds up, unlike Python's round)."""
+    return int(math.floor(x + 0.5))
+
+
+def sample_images(image_ids, fraction: float, seed: int) -> list:
+    """``round_half_up(fraction x N)`` of the N distinct ``image_ids``, seeded; returned sorted."""
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise ValueError(f"--fraction must be in [0, 1], got {fraction}")
+    ids = sorted(set(image_ids))
+    k = round_half_up(float(fraction) * len(ids))
+    perm = np.random.default_rng(int(seed)).permutation(len(ids))
+    return sorted(ids[i] for i in perm[:k])
+
+
+def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: float, seed: int, out_dir,
+                 dataset: str = DEFAULT_DATASET, split_by: str = "mix", images: str = "link") -> dict:
+    """Write the semi-supervised training set (module docstring) to ``out_dir``; return its card."""
+    out_dir = Path(out_dir)
+    human_train = refer.select_split(human.refs, "train")
+    if not human_train:
+        raise ValueError(f"the human dataset {human.data_root}/{human.dataset} has no train refs")
+    chosen = set(sample_images([r["image_id"] for r in human_train], fraction, seed))
+    n_human_images = len({r["image_id"] for r in human_train})
+    sel = [("human", human, r) for r in human_train if r["image_id"] in chosen]
+    sel += [("pseudo", pseudo, r) for r in refer.select_split(pseudo.refs, "train") if r["image_id"] not in chosen]
+    cats: dict[str, int] = {}
+    images_out: dict[int, dict] = {}
+    anns, refs = [], []
+    sent_id = 1
+    img_src: dict[int, Path] = {}
+    for i, (source, data, r) in enumerate(sel, start=1):
+        ann = dict(data.anns[r["ann_id"]])
+        name = data.cats.get(ann["category_id"], "object")
+        cid = cats.setdefault(name, len(cats) + 1)
+        ann.update(id=i, category_id=cid)
+        anns.append(ann)
+        sents = [{**s, "sent_id": sent_id + k} for k, s in enumerate(r["sentences"])]
+        sent_id += len(sents)
+        ref = {**r, "ref_id": i, "ann_id": i, "category_id": cid, "split": "train", "sentences": sents,
+               "sent_ids": [s["sent_id"] for s in sents], "source": source}
+        refs.append(ref)
+        im = data.imgs[r["image_id"]]
+        images_out.setdefault(r["image_id"], {k: im[k] for k in ("id", "file_name", "height", "width")})
+        if images != "none" and r["image_id"] not in img_src:
+            try:
+                img_src[r["image_id"]] = data.image_path(r["image_id"])
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"mix: {e}; use images='none'") from e
+    categories = [{"id": i, "name": n} for n, i in cats.items()]
+    refer.write_refer(out_dir, dataset, split_by, refs, sorted(images_out.values(), key=lambda x: x["id"]), anns,
+                      categories)
+    for iid, src in img_src.items():
+        _place_image(src, out_dir / IMAGE_SUBDIR / images_out[iid]["file_name"], images)
+    n_h = sum(1 for s, _, _ in sel if s == "human")
+    card = {"name": out_dir.name, "dataset": dataset, "split_by": split_by, "split": "train", "fraction": fraction,
+            "seed": seed, "rounding": "floor(fraction * N + 0.5)",
+            "human_source": f"{human.data_root}/{human.dataset} refs({human.split_by})",
+            "pseudo_source": f"{pseudo.data_root}/{pseudo.dataset} refs({pseudo.split_by})",
+            "counts": {"human_train_images": n_human_images, "human_images": len(chosen),
+                       "human_refs": n_h, "pseudo_refs": len(refs) - n_h,
+                       "pseudo_images": len({r["image_id"] for s, _, r in sel if s == "pseudo"}),
+                       "images": len(images_out), "refs": len(refs),
+                       "expressions": sum(len(r["sentences"]) for r in refs)},
+            "human_image_ids": sorted(chosen)}
+    (out_dir / "dataset_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_export(argv: list[str] | None = None) -> int:
+    """``python -m ris_utils export --candidates DIR --out DIR [--dataset NAME --split-by NAME]``."""
+    from ris_utils.profiles import parse_params, step_config
+
+    ap = argparse.ArgumentParser(prog="python -m ris_utils export", description=__doc__.split("\n")[0])
+    ap.add_argument("--candidates", required=True, help="filter (or captions, with --unfiltered) output folder")
+    ap.add_argument("--out", required=True, help="export data root")
+    ap.add_argument("--profile", default="shapes")
+    ap.add_argument("--dataset", default=None, help=f"REFER dataset name (default: profile, {DEFAULT_DATASET})")
+    ap.add_argument("--split-by", default=None, help=f"REFER split_by (default: profile, {DEFAULT_SPLIT_BY})")
+    ap.add_argument("--unfiltered", action="store_true", help="every candidate a sentence (ablation rows)")
+    ap.add_argument("--images", default=None, help="source image folder (default: <data_root>/images)")
+    ap.add_argument("--image-mode", default=None, choices=IMAGE_MODES, help="link (default) | copy | none")
+    ap.add_argument("--param", action="append", default=[])
+    args = ap.parse_args(argv)
+    if not (Path(args.candidates) / "records.jsonl").is_file():
+        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
+    cfg = step_config(args.profile, "export", **parse_params(args.param))
+    images_dir = args.images or cfg.get("images_dir") or (Path(cfg["data_root"]) / "images" if cfg.get("data_root")
+                                                          else None)
+    card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg.get("dataset", DEFAULT_DATASET),
+                          split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
+                          images_dir=images_dir, images=args.image_mode or cfg.get("images", "link"),
+                          dedupe=bool(cfg.get("dedupe", False)))
+    print(json.dumps(card["counts"], indent=2))
+    return 0
+
+
+def cli_mix(argv: list[str] | None = None) -> int:
+    """``python -m ris_utils mix --pseudo DIR --human REFER_DIR --fraction 0.1 --seed S --out DIR``."""
+    ap = argparse.ArgumentParser(prog="python -m ris_utils mix", description="semi-supervised mix (human + pseudo)")
+    ap.add_argument("--pseudo", required=True, help="an export folder (holds dataset_card.json)")
+    ap.add_argument("--human", required=True, help="REFER data root of the human annotations")
+    ap.add_argument("--human-dataset", default="refcoco+", help="dataset under --human (default refcoco+)")
+    ap.add_argument("--human-split-by", default="unc", help="split_by of the human refs (default unc)")
+    ap.add_argument("--fraction", type=float, required=True, help="share of the human train images, 0..1")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name of the output")
+    ap.add_argument("--split-by", default="mix", help="split_by of the output (default mix)")
+    ap.add_argument("--image-mode", default="link", choices=IMAGE_MODES)
+    args = ap.parse_args(argv)
+    if not 0.0 <= args.fraction <= 1.0:
+        ap.error(f"--fraction must be in [0, 1], got {args.fraction}")
+    card_p = Path(args.pseudo) / "dataset_card.json"
+    if not card_p.is_file():
+        ap.error(f"--pseudo {args.pseudo}: no dataset_card.json there (run `python -m ris_utils export` first)")
+    pseudo = load_export(args.pseudo)
+    human = refer.load_refer(args.human, args.human_dataset, args.human_split_by)
+    card = mix_datasets(pseudo, human, args.fraction, args.seed, args.out, args.dataset, args.split_by,
+                        args.image_mode)
+    print(json.dumps(card["counts"], indent=2))
+    return 0
+
+
+cli = cli_export
+
+__all__ = ["export_dataset", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
+           "cli_export", "cli_mix"]

@@ -1,0 +1,436 @@
+"""Step 3 (notebook 03): distinctiveness-based text filtering with CLIP.
+
+For every caption candidate ``c`` written for a target mask ``t`` of an image with masks ``k = 1..K``
+(paper, step 3; CLIP RN50 with OpenAI weights, scores are CLIP logits = logit_scale x cosine)::
+
+    noun_k(c)    = CLIP(masked crop of k,        "a photo of a {head noun of c}")
+    caption_k(c) = CLIP(crop of k enlarged x1.2, c)
+    product_k(c) = noun_k(c) * caption_k(c)
+    DoC(c)       = product_t(c) / max_{k != t} product_k(c)
+
+Candidates with ``DoC > 1`` survive (``DoC == 1``, a tie with another mask, does NOT). Images with a single
+mask: ``DoC = noun_t(c)`` and the top half of the mask's candidates by it survive. A mask none of whose
+candidates survives is handled by ``fallback``: ``"keep_random"`` (the authors: one candidate drawn at
+random, seeded per image, so the mask stays in the training set) or ``"drop"`` (the mask gets no ref).
+
+Non-positive scores (our choice; the ratio assumes positive scores, as CLIP logits of matching pairs are):
+``nonpositive="clamp"`` (default) uses ``s+ = max(s, 0)`` in the products, i.e. a cosine <= 0 counts as
+"no match at all". Then ``product_t == 0`` gives ``DoC = 0`` (not distinctive, also when every other
+product is 0: 0/0 := 0), and ``product_t > 0`` with every ``product_{k!=t} == 0`` gives ``DoC = +inf``
+(distinctive; written as ``Infinity`` by Python's json). When every score is positive this is exactly the
+paper's formula. ``nonpositive="shift"`` instead adds ``logit_scale`` to every logit before the products
+(``s + scale = scale * (1 + cos) >= 0``), a monotone positive transform that changes the ratio's values.
+The single-mask rule ranks by the raw noun score (no transform needed).
+
+Ties in the single-mask rule: ``ceil(C / 2)`` of the ``C`` candidates are kept, ranked by noun score
+(descending), then caption score (descending), then candidate index (ascending).
+
+Features are computed once per image: one CLIP image pass per view kind (``"masked"`` for all masks, then
+``1.2`` for all masks) and one text pass over the distinct strings of the image (noun prompts and captions).
+
+The step is run by :func:`run_filter` through the resumable engine (``ris_utils.engine``) and writes, in
+``<out>/records.jsonl``, the captions body with, per candidate, ``"noun", "noun_scores": [per mask],
+"caption_scores": [per mask], "doc", "keep"`` and, per mask, ``"survivors": [candidate indices]`` (after
+the fallback), ``"fallback"`` (``None`` or the rule applied) and ``"dropped"`` (``None`` or the reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FALLBACKS = ("keep_random", "drop")
+NONPOSITIVE = ("clamp", "shift")
+DEFAULT_PROMPT = "a photo of a {noun}"
+
+
+# --------------------------------------------------------------------------- the score
+
+
+def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonpositive: str = "clamp",
+                              logit_scale: float = 100.0) -> np.ndarray:
+    """DoC of C candidates of mask ``target`` among K masks (paper, step 3).
+
+    ``DoC(c) = product_t(c) / max_{k != t} product_k(c)`` with ``product_k = noun_k * caption_k``; for
+    ``K == 1`` the single-mask rule ``DoC(c) = noun_t(c)``. Non-positive scores: see the module docstring
+    (``nonpositive="clamp"``: ``max(s, 0)``, ``0 / x = 0``, ``0 / 0 = 0``, ``x / 0 = inf``;
+    ``"shift"``: ``s + logit_scale``).
+
+    Arguments:
+      noun_scores, caption_scores: CxK arrays of CLIP logits (candidate x mask).
+      target: index of the candidates' own mask (0..K-1).
+      nonpositive: ``"clamp"`` or ``"shift"``.
+      logit_scale: the shift of ``"shift"`` (CLIP's logit scale: 100 for OpenAI weights).
+    Returns:
+      float64 array (C,) of DoC values.
+    """
+    n = np.asarray(noun_scores, dtype=np.float64)
+    c = np.asarray(caption_scores, dtype=np.float64)
+    if n.ndim != 2 or n.shape != c.shape:
+        raise ValueError(f"noun_scores and caption_scores must both be CxK, got {n.shape} and {c.shape}")
+    C, K = n.shape
+    if not 0 <= target < K:
+        raise ValueError(f"target mask index {target} out of range for K={K} masks")
+    if nonpositive not in NONPOSITIVE:
+        raise ValueError(f"filter.nonpositive must be one of {NONPOSITIVE}, got {nonpositive!r}")
+    if not (np.all(np.isfinite(n)) and np.all(np.isfinite(c))):
+        raise ValueError("CLIP scores must be finite (got NaN or inf): check the model's weights / inputs")
+    if K == 1:
+        return n[:, 0].copy()
+    if nonpositive == "clamp":
+        n, c = np.maximum(n, 0.0), np.maximum(c, 0.0)
+    else:
+        n, c = n + logit_scale, c + logit_scale
+    prod = n * c  # (C, K)
+    own = prod[:, target]
+    others = np.delete(prod, target, axis=1).max(axis=1)
+    doc = np.zeros(C, dtype=np.float64)
+    pos = own > 0
+    with np.errstate(divide="ignore"):
+        doc[pos] = np.where(others[pos] > 0, own[pos] / np.where(others[pos] > 0, others[pos], 1.0), np.inf)
+    return doc
+
+
+def select_survivors(doc, n_masks: int, noun_scores_t=None, caption_scores_t=None) -> np.ndarray:
+    """Boolean ``keep`` (C,) of one mask's candidates.
+
+    ``n_masks > 1``: ``DoC > 1`` (strict). ``n_masks == 1``: the top ``ceil(C / 2)`` by ``doc`` (= the noun
+    score), ties broken by ``caption_scores_t`` (descending, if given), then by index (ascending).
+    """
+    doc = np.asarray(doc, dtype=np.float64)
+    C = len(doc)
+    if n_masks > 1:
+        return doc > 1.0
+    keep = np.zeros(C, dtype=bool)
+    if C == 0:
+        return keep
+    cap = np.zeros(C) if caption_scores_t is None else np.asarray(caption_scores_t, dtype=np.float64)
+    order = sorted(range(C), key=lambda i: (-doc[i], -cap[i], i))
+    keep[order[: math.ceil(C / 2)]] = True
+    return keep
+
+
+def apply_fallback(keep, fallback: str, rng: np.random.Generator) -> tuple[list[int], str | None, str | None]:
+    """``(survivors, fallback_used, dropped_reason)`` of one mask from its ``keep`` flags.
+
+    No candidate: dropped (``"no_candidates"``). No survivor: ``"keep_random"`` -> one index drawn with
+    ``rng``; ``"drop"`` -> dropped (``"no_survivor"``).
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
+    keep = np.asarray(keep, dtype=bool)
+    if keep.size == 0:
+        return [], None, "no_candidates"
+    surv = [int(i) for i in np.flatnonzero(keep)]
+    if surv:
+        return surv, None, None
+    if fallback == "keep_random":
+        return [int(rng.integers(keep.size))], "keep_random", None
+    return [], None, "no_survivor"
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+class ClipScorer:
+    """CLIP logits of mask views against texts, features computed once per image.
+
+    Arguments:
+      model: an open_clip CLIP (``encode_image``, ``encode_text``, ``logit_scale``), in eval mode.
+      tokenizer: ``tok(texts) -> LongTensor (B, L)`` (open_clip's or :class:`~ris_utils.captioning.tokenizer.WordTokenizer`).
+      size, mean, std: the model's preprocessing (``ris_utils.crops.model_view_settings``).
+      fill: fill value of the masked crop (grey value, RGB triple or ``"mean"``).
+      prompt: the noun prompt template (``"a photo of a {noun}"``).
+      logit_scale: ``None`` = the model's ``exp(logit_scale)`` (100 for OpenAI weights), else a number.
+      batch_size: crops / texts per forward pass (a pass is split only when larger).
+    """
+
+    def __init__(self, model, tokenizer, size: int, mean, std, fill=0, prompt: str = DEFAULT_PROMPT,
+                 logit_scale: float | None = None, batch_size: int = 256, device=None):
+        import torch
+
+        if "{noun}" not in prompt:
+            raise ValueError(f"filter.noun_prompt must contain '{{noun}}', got {prompt!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.size, self.mean, self.std, self.fill = int(size), tuple(mean), tuple(std), fill
+        self.prompt = prompt
+        self.batch_size = int(batch_size)
+        self.device = device or next(model.parameters()).device
+        if logit_scale is None:
+            with torch.no_grad():
+                logit_scale = float(model.logit_scale.exp().item())
+        self.logit_scale = float(logit_scale)
+
+    def prompt_for(self, noun: str) -> str:
+        return self.prompt.format(noun=noun)
+
+    def _encode(self, fn, x):
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(x), self.batch_size):
+                f = fn(x[i: i + self.batch_size].to(self.device))
+                outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, 1)
+
+    def image_features(self, image: np.ndarray, masks) -> dict:
+        """``{"masked": (K, D), 1.2: (K, D)}`` L2-normalised features; one pass per view kind.
+
+        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool.
+        """
+        from ris_utils.crops import make_views
+
+        feats = {}
+        for view in ("masked", 1.2):
+            x = make_views(image, masks, views=(view,), size=self.size, fill=self.fill, mean=self.mean,
+                           std=self.std)[:, 0]  # (K, 3, S, S)
+            feats[view] = self._encode(self.model.encode_image, x)
+        return feats
+
+    def text_features(self, texts: Sequence[str]) -> dict:
+        """``{text: (D,) feature}`` for the DISTINCT strings of ``texts`` (one pass)."""
+        distinct = list(dict.fromkeys(texts))
+        if not distinct:
+            return {}
+        tokens = self.tokenizer(distinct)
+        f = self._encode(self.model.encode_text, tokens)
+        return {t: f[i] for i, t in enumerate(distinct)}
+
+    def score_image(self, image: np.ndarray, masks, candidates: list[list[tuple[str, str]]]):
+        """CLIP logits for every candidate of every mask against every mask.
+
+        Arguments:
+          image: HxWx3 uint8 RGB. masks: KxHxW bool.
+          candidates: per mask, a list of ``(caption, noun)``.
+        Returns:
+          list over masks of ``(noun_scores, caption_scores)``, each a C_t x K float32 array.
+        """
+        import torch
+
+        K = len(masks)
+        img = self.image_features(image, masks)
+        texts = [s for cands in candidates for cap, noun in cands for s in (cap, self.prompt_for(noun))]
+        txt = self.text_features(texts)
+        out = []
+        for cands in candidates:
+            if not cands:
+                out.append((np.zeros((0, K), np.float32), np.zeros((0, K), np.float32)))
+                continue
+            P = torch.stack([txt[self.prompt_for(noun)] for _, noun in cands])  # (C, D)
+            T = torch.stack([txt[cap] for cap, _ in cands])  # (C, D)
+            noun_s = self.logit_scale * (P @ img["masked"].T)  # (C, K)
+            cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
+            out.append((noun_s.numpy().astype(np.float32), cap_s.numpy().astype(np.float32)))
+        return out
+
+
+def build_clip(cfg: dict, device=None):
+    """``(model, tokenizer, view_settings)`` of the profile's ``filter.clip`` section.
+
+    ``clip: {model: RN50, pretrained: openai, tokenizer: open_clip}`` (the paper) or
+    ``{model: clip_shapes, checkpoint: PATH, tokenizer: shapes}`` (our configs in ``model_configs/``,
+    weights from ``checkpoint``; ``train_if_missing: true`` trains the shapes CLIP on first use), or
+    ``{model: rn50_tiny, pretrained: null}`` (random init, tests).
+    """
+    import open_clip
+    import torch
+
+    from ris_utils.models import register_open_clip_configs, resolve_device
+
+    ccfg = dict(cfg.get("clip") or {})
+    name = ccfg.get("model")
+    if not name:
+        raise ValueError("filter.clip.model is not set: name an open_clip model (RN50) or one of our configs")
+    register_open_clip_configs()
+    device = resolve_device(device or cfg.get("device", "auto"))
+    ckpt = ccfg.get("checkpoint")
+    if ckpt:
+        ckpt = Path(ckpt)
+        if not ckpt.is_absolute():
+            from ris_utils.profiles import project_root
+
+            ckpt = project_root() / ckpt
+        if not ckpt.is_file():
+            if ccfg.get("train_if_missing"):
+                from ris_utils.train_clip import train_clip
+
+                logger.info("filter: %s missing, training the shapes CLIP (train_if_missing)", ckpt)
+                train_clip(cfg, out=ckpt)
+            else:
+                raise FileNotFoundError(f"filter.clip.checkpoint {ckpt} not found: run `python -m "
+                                        f"ris_utils.train_clip --out {ckpt}` or set clip.train_if_missing")
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        sd = state.get("state_dict", state)
+        sd = {k: v.float() for k, v in sd.items()}
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise RuntimeError(f"{ckpt} does not match the open_clip config {name!r}: {e}") from e
+    else:
+        try:
+            model = open_clip.create_model(name, pretrained=ccfg.get("pretrained"), device="cpu")
+        except Exception as e:  # noqa: BLE001 - name the setting
+            raise RuntimeError(f"filter.clip: could not build open_clip model {name!r} with pretrained="
+                               f"{ccfg.get('pretrained')!r} ({type(e).__name__}: {e}); the paper's weights need "
+                               f"`python -m ris_utils download` (internet)") from e
+    model = model.to(device).eval()
+    tok_spec = ccfg.get("tokenizer", "open_clip")
+    from ris_utils.captioning.tokenizer import build_tokenizer
+
+    ctx = getattr(model, "context_length", None)
+    tokenizer = build_tokenizer(tok_spec, model_name=name, context_length=ctx)
+    from ris_utils.crops import model_view_settings
+
+    return model, tokenizer, model_view_settings(model)
+
+
+def make_scorer(cfg: dict, device=None) -> ClipScorer:
+    model, tok, vs = build_clip(cfg, device)
+    return ClipScorer(model, tok, vs["size"], vs["mean"], vs["std"], fill=cfg.get("fill", 0),
+                      prompt=cfg.get("noun_prompt", DEFAULT_PROMPT), logit_scale=cfg.get("logit_scale"),
+                      batch_size=int(cfg.get("batch_size", 256)))
+
+
+# --------------------------------------------------------------------------- per image
+
+
+def _extractor(cfg: dict):
+    from ris_utils.text import HeadNounExtractor
+
+    hn = dict(cfg.get("head_noun") or {})
+    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"))
+
+
+def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "keep_random",
+                  nonpositive: str = "clamp", seed: int = 0) -> dict:
+    """The filter body of one image from its captions record (see the module docstring).
+
+    Arguments:
+      record: a captions record (``height``, ``width``, ``masks`` with ``segmentation`` and ``candidates``).
+      image: HxWx3 uint8 RGB.
+      scorer: a :class:`ClipScorer`. extractor: ``text -> noun``.
+      fallback: ``"keep_random"`` or ``"drop"``. nonpositive: see :func:`degree_of_distinctiveness`.
+      seed: seeds the fallback draw.
+    """
+    from ris_utils.data.refer import decode_segmentation
+
+    if fallback not in FALLBACKS:
+        raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
+    h, w = int(record["height"]), int(record["width"])
+    if image.shape[:2] != (h, w):
+        raise ValueError(f"image is {image.shape[1]}x{image.shape[0]} but the record says {w}x{h}")
+    masks_in = record.get("masks") or []
+    body = {k: v for k, v in record.items() if k not in ("image_id", "file_name", "status", "error", "masks")}
+    if not masks_in:
+        return {**body, "masks": [], "n_masks": 0}
+    masks = np.stack([decode_segmentation(m["segmentation"], h, w).astype(bool) for m in masks_in])
+    cands = [[(c["text"], extractor(c["text"])) for c in m.get("candidates") or []] for m in masks_in]
+    scores = scorer.score_image(image, masks, cands)
+    rng = np.random.default_rng(seed)
+    K = len(masks_in)
+    out_masks = []
+    for t, (m, cl, (ns, cs)) in enumerate(zip(masks_in, cands, scores)):
+        doc = degree_of_distinctiveness(ns, cs, t, nonpositive, scorer.logit_scale) if cl else np.zeros(0)
+        keep = select_survivors(doc, K, ns[:, t] if cl else None, cs[:, t] if cl else None)
+        surv, fb, dropped = apply_fallback(keep, fallback, rng)
+        new_c = []
+        for i, (c, (_, noun)) in enumerate(zip(m.get("candidates") or [], cl)):
+            new_c.append({**c, "noun": noun, "noun_scores": [float(x) for x in ns[i]],
+                          "caption_scores": [float(x) for x in cs[i]], "doc": float(doc[i]), "keep": bool(keep[i])})
+        out_masks.append({**m, "candidates": new_c, "survivors": surv, "fallback": fb, "dropped": dropped})
+    return {**body, "masks": out_masks, "n_masks": K}
+
+
+def _image_path(record: dict, images_dir: Path | None) -> Path:
+    p = record.get("path")
+    if p and Path(p).is_file():
+        return Path(p)
+    if images_dir is None:
+        raise FileNotFoundError(f"image {record.get('file_name')!r}: no images directory (set filter.images)")
+    return images_dir / record["file_name"]
+
+
+def images_dir_of(cfg: dict) -> Path | None:
+    """``cfg["images"]``, else ``<data_root>/images``, else None."""
+    if cfg.get("images"):
+        return Path(cfg["images"])
+    if cfg.get("data_root"):
+        return Path(cfg["data_root"]) / "images"
+    return None
+
+
+def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = None, progress: bool = True) -> dict:
+    """Filter every image of ``candidates_dir/records.jsonl`` into ``out_dir`` (resumable engine run).
+
+    ``cfg`` keys: ``clip`` (see :func:`build_clip`), ``fallback``, ``nonpositive``, ``noun_prompt``, ``fill``,
+    ``logit_scale``, ``head_noun``, ``images`` (image folder; default ``<data_root>/images``), ``seed``.
+    Returns the engine's summary. Captions records with status ``error`` become error records.
+    """
+    from ris_utils import engine
+    from ris_utils.images import load_image_rgb
+
+    candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    records = list(engine.read_records(candidates_dir))
+    fallback = cfg.get("fallback", "keep_random")
+    nonpositive = cfg.get("nonpositive", "clamp")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if nonpositive not in NONPOSITIVE:
+        raise ValueError(f"filter.nonpositive must be one of {NONPOSITIVE}, got {nonpositive!r}")
+    scorer = scorer or make_scorer(cfg)
+    extractor = _extractor(cfg)
+    images_dir = images_dir_of(cfg)
+    items = [{"image_id": r["image_id"], "file_name": r.get("file_name"), "path": str(_image_path(r, images_dir)),
+              "record": r} for r in records]
+
+    def fn(item):
+        rec = item["record"]
+        if rec.get("status", "ok") != "ok":
+            raise ValueError(f"captions step failed for this image: {rec.get('error')}")
+        image = load_image_rgb(item["path"])
+        return filter_record(rec, image, scorer, extractor, fallback, nonpositive, item["seed"])
+
+    settings = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
+                                        "head_noun")}
+    settings["candidates"] = str(candidates_dir)
+    return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
+                      progress=progress)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_filter(argv: list[str] | None = None) -> int:
+    """``python -m ris_utils filter --candidates DIR --out DIR --profile NAME [--param k=v ...]``."""
+    from ris_utils.profiles import parse_params, step_config
+
+    ap = argparse.ArgumentParser(prog="python -m ris_utils filter", description=__doc__.split("\n")[0])
+    ap.add_argument("--candidates", required=True, help="captions step output folder (holds records.jsonl)")
+    ap.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json)")
+    ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
+    ap.add_argument("--images", default=None, help="image folder (default: <data_root>/images)")
+    ap.add_argument("--param", action="append", default=[], help="override a filter setting, e.g. fallback=drop")
+    args = ap.parse_args(argv)
+    if not (Path(args.candidates) / "records.jsonl").is_file():
+        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the captions step first)")
+    cfg = step_config(args.profile, "filter", images=args.images, **parse_params(args.param))
+    summary = run_filter(args.candidates, args.out, cfg)
+    print(f"filter: {summary.get('ok')} ok, {summary.get('failed')} failed -> {os.path.join(args.out, 'records.jsonl')}")
+    return 0 if summary.get("ok", 0) or not summary.get("n_items") else 1
+
+
+cli = cli_filter
+
+__all__ = ["degree_of_distinctiveness", "select_survivors", "apply_fallback", "ClipScorer", "build_clip",
+           "make_scorer", "filter_record", "run_filter", "cli_filter"]

@@ -1,0 +1,89 @@
+"""Head-noun extraction (ris_utils.text): real RefCOCO-style phrases, captions, the shapes grammar."""
+
+import numpy as np
+import pytest
+
+from ris_utils.text import HeadNounExtractor, head_noun, rule_head_noun
+
+REFCOCO = [
+    ("man in red shirt on left", "man"),
+    ("the second pizza from the top", "pizza"),
+    ("blue umbrella", "umbrella"),
+    ("left guy", "guy"),
+    ("woman wearing glasses", "woman"),
+    ("white car behind the bus", "car"),
+    ("person on right", "person"),
+    ("zebra", "zebra"),
+    ("man on the left", "man"),
+    ("the one on the left", "one"),
+    ("black and white cat", "cat"),
+    ("standing man", "man"),
+    ("far right elephant", "elephant"),
+    ("bottom left sandwich", "sandwich"),
+    ("guy with hat", "guy"),
+    ("kid in blue", "kid"),
+    ("red striped shirt", "shirt"),
+    ("man dressed in black", "man"),
+    ("leftmost giraffe", "giraffe"),
+    ("two zebras standing in a field", "zebras"),
+    ("tennis player", "player"),
+    ("Man in RED shirt, on left!", "man"),
+]
+
+CAPTIONS = [
+    ("a close up of a dog", "dog"),
+    ("a picture of a cat on a couch", "cat"),
+    ("a man holding a frisbee", "man"),
+    ("a woman sitting on a bench", "woman"),
+    ("a dog that is sleeping", "dog"),
+    ("a large building with a clock", "building"),
+    ("a plate of food on a table", "food"),
+    ("half of a sandwich", "sandwich"),
+]
+
+
+@pytest.mark.parametrize("text,noun", REFCOCO + CAPTIONS)
+def test_rule_head_noun_on_real_phrases(text, noun):
+    assert rule_head_noun(text) == noun
+
+
+def test_degenerate_inputs():
+    assert rule_head_noun("") == ""
+    assert rule_head_noun("...") == ""
+    assert rule_head_noun("left") == "left"  # no noun at all: the last content word
+    assert rule_head_noun("on the left") == "left"
+
+
+def test_shapes_grammar_gives_the_shape():
+    from ris_utils.data import shapes
+
+    rng = np.random.default_rng(0)
+    scenes = []
+    for i in range(12):
+        scene, _, _ = shapes.make_scene(np.random.default_rng([5, i]), i + 1, "train", 128, 1)
+        scenes.append(scene)
+    n = 0
+    for scene in scenes:
+        for obj in scene.objects:
+            for _ in range(3):
+                assert rule_head_noun(shapes.generic_caption(obj, rng)) == obj.shape
+                n += 1
+            for s in shapes.referring_sentences(scene, obj, True, rng):
+                assert rule_head_noun(s) == obj.shape, s
+    assert n > 50
+    # location phrases and ordinals of the shapes grammar
+    assert rule_head_noun("the second big red circle from the left") == "circle"
+    assert rule_head_noun("the striped square on the right") == "square"
+
+
+def test_known_nouns_win_and_extractor_backend():
+    assert rule_head_noun("the red thing next to the star", nouns=["star", "circle"]) == "star"
+    ex = HeadNounExtractor(backend="rules")
+    assert ex.backend == "rules" and ex("blue umbrella") == "umbrella"
+    auto = HeadNounExtractor(backend="auto", spacy_model="no_such_pipeline_xyz")
+    assert auto.backend == "rules"
+    assert head_noun("person on right", backend="rules") == "person"
+    with pytest.raises(RuntimeError, match="spacy"):
+        HeadNounExtractor(backend="spacy", spacy_model="no_such_pipeline_xyz")
+    with pytest.raises(ValueError, match="backend"):
+        HeadNounExtractor(backend="nltk")
