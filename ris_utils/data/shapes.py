@@ -656,6 +656,11 @@ def _clear(out_dir: Path) -> None:
             p.unlink()
 
 
+def _code_hash() -> str:
+    """Hash of this module's source: a changed generator never reuses a world written by the old one."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def _file_checksum(out_dir: Path) -> tuple[str, int]:
     files = sorted(p for name in _OWNED if name != "manifest.json"
                    for p in ([out_dir / name] if (out_dir / name).is_file() else (out_dir / name).rglob("*"))
@@ -735,7 +740,7 @@ def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128)
          "scenes": [s.to_json() for s in scenes]}, sort_keys=True))
     stats = world_statistics(out_dir, scenes)
     checksum, n_files = _file_checksum(out_dir)
-    settings = {"seed": seed, "n_images": counts, "image_size": image_size}
+    settings = {"seed": seed, "n_images": counts, "image_size": image_size, "code": _code_hash()}
     manifest = {"world": "shapes", "version": WORLD_VERSION, "settings": settings, "checksum": checksum,
                 "n_files": n_files, "stats": stats}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -879,7 +884,8 @@ def prepare(cfg: dict) -> dict:
 
     Uses ``cfg["seed"]``, ``cfg["n_images"]``, ``cfg["image_size"]`` (``cfg["datasets"]``, if given, must
     name datasets this world writes). Skips generation when
-    ``manifest.json`` records the same settings and world version and the files' checksum still matches.
+    ``manifest.json`` records the same settings, world version and generator source hash and the files'
+    checksum still matches.
     Returns the statistics of :func:`world_statistics` as flat keys (``data.images.train``,
     ``data.refs.shapes.val``, ``data.same_shape_share``, ...) plus ``data.world``, ``data.regenerated``
     (0/1) and ``data.seconds``.
@@ -892,7 +898,8 @@ def prepare(cfg: dict) -> dict:
             raise ValueError(f"data.datasets: the shapes world writes {list(DATASETS)} with split_by "
                              f"{SPLIT_BY!r}, got {d} (profile {cfg.get('profile')})")
     counts = _split_counts(cfg.get("n_images") or {"train": 600, "val": 150, "testA": 100, "testB": 100})
-    settings = {"seed": int(cfg.get("seed", 0)), "n_images": counts, "image_size": int(cfg.get("image_size", 128))}
+    settings = {"seed": int(cfg.get("seed", 0)), "n_images": counts, "image_size": int(cfg.get("image_size", 128)),
+                "code": _code_hash()}
     t0 = time.perf_counter()
     mp = root / "manifest.json"
     if mp.is_file():
