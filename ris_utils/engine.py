@@ -113,21 +113,31 @@ def _parse_line(line: str) -> dict | None:
     return rec if isinstance(rec, dict) and "image_id" in rec else None
 
 
-def _scan_log(path: Path) -> tuple[list[dict], int]:
-    """Valid records of a log and the byte offset just after the last valid line."""
-    records, good_end, pos = [], 0, 0
+def _scan_log(path: Path) -> tuple[list[tuple[str, str, int, int]], int]:
+    """Index of a log: ``[(key, status, offset, length)]`` of its valid lines (records are not kept in
+    memory) and the byte offset just after the last valid line."""
+    entries, good_end, pos = [], 0, 0
     with open(path, "rb") as f:
         for raw in f:
-            pos += len(raw)
             try:
                 rec = _parse_line(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 rec = None
             if rec is None:
                 break  # a torn or corrupt line: everything after it is not trusted
-            records.append(rec)
+            entries.append((_key(rec["image_id"]), rec.get("status", "error"), pos, len(raw)))
+            pos += len(raw)
             good_end = pos
-    return records, good_end
+    return entries, good_end
+
+
+def _read_entry(handles: dict, path: Path, offset: int, length: int) -> str:
+    """The JSON body of one indexed log line."""
+    f = handles.get(path)
+    if f is None:
+        f = handles[path] = open(path, "rb")
+    f.seek(offset)
+    return f.read(length).decode("utf-8")[:-1].partition(" ")[2]
 
 
 def _key(image_id) -> str:
@@ -175,17 +185,29 @@ def _file_name(item: dict) -> str:
     return str(item.get("file_name") or Path(str(item["path"])).name)
 
 
-def finished_records(out_dir: str | os.PathLike, step: str | None = None) -> dict[str, dict]:
-    """All committed records in ``out_dir/parts`` (first valid one per image id), keyed by ``json(image_id)``."""
-    done: dict[str, dict] = {}
+def _index(out_dir: Path, step: str | None) -> dict[str, tuple[Path, int, int, str]]:
+    """``{json(image_id): (log, offset, length, status)}``: the first committed record of every image."""
+    index: dict[str, tuple[Path, int, int, str]] = {}
     parts = Path(out_dir) / PARTS
     if not parts.is_dir():
-        return done
+        return index
     pattern = f"{step}.rank*.log" if step else "*.rank*.log"
     for log in sorted(parts.glob(pattern)):
-        for rec in _scan_log(log)[0]:
-            done.setdefault(_key(rec["image_id"]), rec)
-    return done
+        for key, status, offset, length in _scan_log(log)[0]:
+            index.setdefault(key, (log, offset, length, status))
+    return index
+
+
+def finished_records(out_dir: str | os.PathLike, step: str | None = None) -> dict[str, dict]:
+    """All committed records in ``out_dir/parts`` (first valid one per image id), keyed by ``json(image_id)``.
+    Loads every record: for inspection and tests; the engine itself only keeps an index."""
+    handles: dict = {}
+    try:
+        return {k: json.loads(_read_entry(handles, log, off, n))
+                for k, (log, off, n, _) in _index(Path(out_dir), step).items()}
+    finally:
+        for f in handles.values():
+            f.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,15 +311,15 @@ def run(
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
-    done = finished_records(out_dir, step)
+    done = _index(out_dir, step)
 
     mine = shard(items, rank, world_size)
     todo = [it for it in mine if _key(it["image_id"]) not in done]
     counts: Counter = Counter()
     for it in mine:
-        rec = done.get(_key(it["image_id"]))
-        if rec is not None:
-            counts[rec["status"]] += 1
+        entry = done.get(_key(it["image_id"]))
+        if entry is not None:
+            counts[entry[3]] += 1
     if len(mine) - len(todo):
         logger.info("engine: %s rank %d: resuming, %d/%d images already done", step, rank, len(mine) - len(todo), len(mine))
 
@@ -395,26 +417,40 @@ def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial:
         raise FileNotFoundError(f"engine.merge: {mpath} does not exist; is {out_dir} an engine output folder?")
     manifest = json.loads(mpath.read_text())
     step = step or manifest["step"]
-    done = finished_records(out_dir, step)
-    lines, missing, reasons, errors = [], [], Counter(), []
-    n_ok = 0
-    for image_id in manifest["image_ids"]:
-        rec = done.get(_key(image_id))
-        if rec is None:
-            missing.append(image_id)
-            continue
-        lines.append(json.dumps(rec, sort_keys=True, ensure_ascii=False) + "\n")
-        if rec["status"] == "ok":
-            n_ok += 1
-        else:
-            reasons[_reason_kind(rec["error"])] += 1
-            errors.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"), "error": rec["error"]})
+    done = _index(out_dir, step)
+    missing = [i for i in manifest["image_ids"] if _key(i) not in done]
     if missing and not allow_partial:
         raise RuntimeError(
             f"engine.merge: {len(missing)} of {len(manifest['image_ids'])} images of step {step!r} are not "
             f"finished in {out_dir} (first: {missing[:3]}); rerun the step (it resumes) before merging"
         )
-    _atomic_write(out_dir / RECORDS, "".join(lines))
+    reasons, errors, n_ok = Counter(), [], 0
+    path = out_dir / RECORDS
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    handles: dict = {}
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for image_id in manifest["image_ids"]:
+                entry = done.get(_key(image_id))
+                if entry is None:
+                    continue
+                log, offset, length, status = entry
+                body = _read_entry(handles, log, offset, length)
+                out.write(body + "\n")
+                if status == "ok":
+                    n_ok += 1
+                else:
+                    rec = json.loads(body)
+                    reasons[_reason_kind(rec.get("error"))] += 1
+                    errors.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
+                                   "error": rec.get("error")})
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        for f in handles.values():
+            f.close()
+    os.replace(tmp, path)
+    _fsync_dir(out_dir)
     summary = {"step": step, "n_items": len(manifest["image_ids"]), "ok": n_ok, "failed": len(errors),
                "failed_reasons": dict(sorted(reasons.items())), "errors": errors, "missing": missing,
                "merged": True, "records": str(out_dir / RECORDS)}
