@@ -948,8 +948,8 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-images", type=_parse_counts,
                     help="total images (split 64/16/10/10 over train/val/testA/testB) or "
                          "'train=600,val=150,testA=100,testB=100'")
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--seed", type=int, help="random seed (same seed -> byte-identical files; default 0)")
+    ap.add_argument("--image-size", type=int, help="side of the square images in pixels (default 128)")
     ap.add_argument("--profile", help="take the defaults from papermill_runs/<profile>.yaml (data section)")
     args = ap.parse_args(argv)
     if args.profile:
