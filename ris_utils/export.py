@@ -126,7 +126,8 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
         image_id = rec["image_id"] if img_ids_int else ri + 1
         if rec.get("status", "ok") != "ok":
             n_failed += 1
-            drop_reasons["image_error"] += len(rec.get("masks") or [])
+            if rec.get("masks"):
+                drop_reasons["image_error"] += len(rec["masks"])
             continue
         n_images_ok += 1
         h, w = int(rec["height"]), int(rec["width"])
@@ -350,11 +351,11 @@ def cli_export(argv: list[str] | None = None) -> int:
     if not (Path(args.candidates) / "records.jsonl").is_file():
         ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
     cfg = step_config(args.profile, "export", **parse_params(args.param))
-    images_dir = args.images or cfg.get("images_dir") or (Path(cfg["data_root"]) / "images" if cfg.get("data_root")
-                                                          else None)
+    images_dir = args.images or cfg.get("images") or (Path(cfg["data_root"]) / "images" if cfg.get("data_root")
+                                                      else None)
     card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg.get("dataset", DEFAULT_DATASET),
                           split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
-                          images_dir=images_dir, images=args.image_mode or cfg.get("images", "link"),
+                          images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
                           dedupe=bool(cfg.get("dedupe", False)))
     print(json.dumps(card["counts"], indent=2))
     return 0
