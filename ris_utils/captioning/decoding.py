@@ -178,11 +178,17 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int = 0
+    valid: torch.Tensor | None = None  # (rows, max_len) bool key mask (text tower pad mask), None = all valid
+    prev: torch.Tensor | None = None  # (rows,) previous tokens (for open_clip's legacy shifted pad mask)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` (beam search): ``cache[r] <- cache[index[r]]``."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
+        if self.prev is not None:
+            self.prev = self.prev.index_select(0, index)
 
 
 @dataclass
@@ -277,8 +283,10 @@ class CocaDecoder:
         return self._new_cache(self.dec.resblocks, rows, max_len)
 
     @staticmethod
-    def _self_attn_step(block, x: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-        """Residual block at position ``pos`` for rows x (R, W), attending to cached positions 0..pos."""
+    def _self_attn_step(block, x: torch.Tensor, cache: KVCache, layer: int, pos: int,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual block at position ``pos`` for rows x (R, W), attending to cached positions 0..pos
+        (``mask`` (R, 1, 1, pos+1) bool: False = key masked)."""
         attn = block.attn
         r, w = x.shape
         h = attn.num_heads
@@ -288,7 +296,8 @@ class CocaDecoder:
         cache.keys[layer][:, :, pos] = k.view(r, h, d)
         cache.values[layer][:, :, pos] = v.view(r, h, d)
         o = F.scaled_dot_product_attention(
-            q.view(r, h, 1, d), cache.keys[layer][:, :, : pos + 1], cache.values[layer][:, :, : pos + 1]
+            q.view(r, h, 1, d), cache.keys[layer][:, :, : pos + 1], cache.values[layer][:, :, : pos + 1],
+            attn_mask=mask,
         )  # (R, H, 1, d)
         o = F.linear(o.reshape(r, w), attn.out_proj.weight, attn.out_proj.bias)
         x = x + block.ls_1(o)
@@ -298,11 +307,29 @@ class CocaDecoder:
     def text_step(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """Token embeddings (R, W) at position ``pos`` for the last tokens (R,) of R cached prefixes.
 
-        Equals ``model._encode_text(prefix)[1][:, pos]`` (the tokens the multimodal decoder reads).
+        Equals ``model._encode_text(prefix)[1][:, pos]`` (the tokens the multimodal decoder reads),
+        including open_clip's pad mask of CoCa's text tower (with ``embed_cls``, keys of pad tokens are
+        masked; in the legacy layout, ``correct_cls_mask=False``, the mask is shifted by one position:
+        key k is masked when token k-1 is pad). Pad tokens only occur inside a prefix in beam search.
         """
-        x = self.text.token_embedding(tokens.to(self.device)) + self.text.positional_embedding[pos]
+        tokens = tokens.to(self.device)
+        x = self.text.token_embedding(tokens) + self.text.positional_embedding[pos]
+        mask = None
+        if self.embed_cls:
+            pad = self.text.pad_id
+            if cache.valid is None:
+                cache.valid = torch.ones(cache.keys[0].shape[0], cache.keys[0].shape[2], dtype=torch.bool,
+                                         device=self.device)
+            if getattr(self.text, "correct_cls_mask", False):
+                cache.valid[:, pos] = tokens != pad
+            elif pos > 0:
+                cache.valid[:, pos] = cache.prev != pad
+            cache.prev = tokens.clone()
+            valid = cache.valid[:, : pos + 1]
+            if not bool(valid.all()):
+                mask = valid[:, None, None, :]
         for layer, block in enumerate(self.text.transformer.resblocks):
-            x = self._self_attn_step(block, x, cache, layer, pos)
+            x = self._self_attn_step(block, x, cache, layer, pos, mask)
         cache.length = pos + 1
         if not self.embed_cls:  # with a CLS token, open_clip returns the tokens before ln_final
             x = self.text.ln_final(x)
