@@ -346,8 +346,9 @@ def load_sam_state_dict(model, checkpoint: str | os.PathLike, variant: str) -> N
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the file and the cause
+        first = (str(e).strip().splitlines() or [""])[0][:300]
         raise CheckpointError(f"masks.checkpoint: {path} is not a readable torch checkpoint "
-                              f"({type(e).__name__}: {e}); SAM variant {variant!r} expects {expected}") from e
+                              f"({type(e).__name__}: {first}); SAM variant {variant!r} expects {expected}") from e
     if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
         state = next(iter(state.values()))  # {"model": state_dict} wrappers
     if not isinstance(state, dict):
@@ -376,13 +377,16 @@ def build_sam(variant: str, checkpoint: str | os.PathLike | None = None, *, devi
               random_init: bool = False, seed: int = 0):
     """Build a SAM of ``variant`` (:data:`SAM_BUILDERS`), load ``checkpoint`` on CPU, move to ``device``.
 
-    ``checkpoint=None`` is allowed only with ``random_init=True`` (tests, benchmarks, the paper-tiny
-    profile); the random weights are seeded with ``seed``.
+    ``random_init=True`` (tests, benchmarks, the paper-tiny profile) gives random weights seeded with
+    ``seed`` and ignores ``checkpoint``; otherwise ``checkpoint`` is required.
     """
     import torch
 
     if variant not in SAM_BUILDERS:
         raise ValueError(f"masks.sam_variant must be one of {sorted(SAM_BUILDERS)}, got {variant!r}")
+    if random_init and checkpoint is not None:
+        logger.warning("masks: random_init is true: ignoring checkpoint %s (random weights, tests only)", checkpoint)
+        checkpoint = None
     if checkpoint is None and not random_init:
         raise CheckpointError(f"masks.checkpoint is not set: SAM variant {variant!r} expects "
                               f"{SAM_CHECKPOINT_NAMES[variant]} (or set masks.random_init: true for a "
@@ -608,9 +612,14 @@ def make_step_fn(cfg: dict) -> Callable[[dict], dict]:
     return fn
 
 
-def run_masks(cfg: dict, items: list[dict], out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Run step 1 over ``items`` through the engine into ``out_dir``; returns the engine summary."""
-    fn = make_step_fn(cfg)
+def run_masks(cfg: dict, items: list[dict], out_dir: str | os.PathLike, *, fn: Callable | None = None,
+              progress: bool = True) -> dict:
+    """Run step 1 over ``items`` through the engine into ``out_dir``; returns the engine summary.
+
+    ``fn``: a step function from :func:`make_step_fn` (same ``cfg``) to reuse a built model across splits;
+    by default it is built here, before any image is read.
+    """
+    fn = fn or make_step_fn(cfg)
     conf = {k: cfg.get(k) for k in OUTPUT_KEYS}
     return engine.run("masks", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=conf,
                       desc="masks", progress=progress)
@@ -741,18 +750,22 @@ def cli(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = step_config(args.profile, "masks", **parse_params(args.param))
-    if args.images:
-        if not args.out:
-            ap.error("--out is required with --images")
-        jobs = [(image_items_from(args.images), Path(args.out))]
-    else:
-        jobs = [(split_items(cfg, s), Path(args.out) / s if args.out else output_dir_for(cfg, s)) for s in args.split]
-    for items, out in jobs:
-        try:
-            summary = run_masks(cfg, items, out, progress=not args.no_progress)
-        except (engine.ResumeMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    if args.images and not args.out:
+        ap.error("--out is required with --images")
+    try:
+        fn = make_step_fn(cfg)  # the model first: checkpoint problems fail before any image
+        if args.images:
+            jobs = [(image_items_from(args.images), Path(args.out))]
+        else:
+            jobs = [(split_items(cfg, s), Path(args.out) / s if args.out else output_dir_for(cfg, s))
+                    for s in args.split]
+        summaries = []
+        for items, out in jobs:
+            summaries.append((out, run_masks(cfg, items, out, fn=fn, progress=not args.no_progress)))
+    except (engine.ResumeMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for out, summary in summaries:
         if summary.get("merged"):
             print(json.dumps({k: summary[k] for k in ("step", "n_items", "ok", "failed", "failed_reasons")}))
             print(f"records: {out / engine.RECORDS}")
