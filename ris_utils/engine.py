@@ -488,3 +488,27 @@ def read_summary(out_dir: str | os.PathLike) -> dict:
 
 __all__ = ["run", "merge", "read_records", "read_summary", "item_seed", "shard", "dist_info",
            "finished_records", "FatalError", "ResumeMismatchError"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ris_utils.engine merge OUT_DIR [--allow-partial]``: merge the per-rank logs of a run whose
+    ranks were started without a torch.distributed process group (e.g. array jobs setting RANK/WORLD_SIZE)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ris_utils.engine")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge out_dir/parts/*.log into out_dir/records.jsonl + summary.json")
+    m.add_argument("out_dir")
+    m.add_argument("--allow-partial", action="store_true", help="merge even when images are missing")
+    args = ap.parse_args(argv)
+    try:
+        summary = merge(args.out_dir, allow_partial=args.allow_partial)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("step", "n_items", "ok", "failed", "failed_reasons")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -210,7 +210,10 @@ def test_explicit_ranks_without_process_group_then_merge(tmp_path):
     engine.run("unit", items, _body, tmp_path / "three", rank=0, world_size=2, progress=False)
     with pytest.raises(RuntimeError, match="not finished"):  # rank 1 never ran
         engine.merge(tmp_path / "three")
-    engine.merge(tmp_path / "two")
+    assert engine.main(["merge", str(tmp_path / "three")]) == 2
+    partial = engine.merge(tmp_path / "three", allow_partial=True)
+    assert partial["missing"] == [1, 3, 5, 7] and partial["ok"] == 5
+    assert engine.main(["merge", str(tmp_path / "two")]) == 0  # python -m ris_utils.engine merge OUT_DIR
     assert (tmp_path / "two" / "records.jsonl").read_bytes() == (tmp_path / "one" / "records.jsonl").read_bytes()
     # a later single-process rerun over the 2-rank logs has nothing to do
     calls = []
