@@ -1,0 +1,328 @@
+"""Step 2 as a pipeline step: caption candidates for every mask, written through the engine.
+
+``python -m ris_utils captions --masks DIR --out DIR --profile NAME [--mode naive|distinctive] [--param k=v]``
+
+For each image of a split: the masks (step 1's proposals from ``<work_dir>/masks/<split>/records.jsonl``,
+or with ``source: gt`` the shapes world's object masks), their 4 views (:mod:`ris_utils.crops`), and the
+paper's candidates per mask - per view, 1 beam-search caption + one sampled caption per top-k / top-p
+setting (:func:`ris_utils.captioning.generate_candidates`) - naive (plain sampling) or distinctive
+(the contrast term of distinctive caption sampling). One engine record per image
+(``<work_dir>/captions/<mode>/<split>/records.jsonl``, resumable), body as in docs/DESIGN.md::
+
+    {"height", "width", "masks": [{"mask_index", "segmentation", "bbox",
+                                   "candidates": [{"text", "view", "setting", "mode"}]}]}
+
+Masks with no pixel get an empty candidate list and do not count in N (the masks decoded together).
+
+:func:`distinct_rate` scores candidates on the shapes world (docs/DESIGN.md): each mask is matched to the
+ground-truth object of highest IoU (>= 0.5, else unmatched, reported apart); a candidate is distinct when
+``shapes.referee(text, scene) == {that object}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODES = ("naive", "distinctive")
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def decode_settings(cfg: dict) -> list[dict]:
+    """The per-view candidate settings of the profile: the beam, then one per top_k / top_p value."""
+    out = []
+    beam = cfg.get("beam")
+    if beam:
+        out.append({"kind": "beam", **dict(beam)})
+    out += [{"top_k": int(k)} for k in (cfg.get("top_k") or [])]
+    out += [{"top_p": float(p)} for p in (cfg.get("top_p") or [])]
+    if not out:
+        raise ValueError("captions: no decoding settings (give beam, top_k and/or top_p in the profile)")
+    return out
+
+
+def view_kinds(cfg: dict) -> tuple:
+    views = cfg.get("views") or ["masked", 1.0, 1.1, 1.2]
+    out = []
+    for v in views:
+        if isinstance(v, str) and v != "masked":
+            try:
+                v = float(v)
+            except ValueError as e:
+                raise ValueError(f"captions.views: {v!r} is neither 'masked' nor an enlargement factor") from e
+        out.append(v if isinstance(v, str) else float(v))
+    return tuple(out)
+
+
+def step_settings(cfg: dict, mode: str) -> dict:
+    """The settings that define a run's output (stored by the engine; a rerun with others is refused)."""
+    n_range = cfg.get("n_range") or [2, 30]
+    return {"mode": mode, "model": cfg.get("model"), "pretrained": str(cfg.get("pretrained")),
+            "tokenizer": cfg.get("tokenizer"), "views": [str(v) for v in view_kinds(cfg)],
+            "fill": cfg.get("fill", 0), "settings": decode_settings(cfg), "seq_len": int(cfg.get("seq_len", 30)),
+            "min_seq_len": int(cfg.get("min_seq_len", 5)), "temperature": float(cfg.get("temperature", 1.0)),
+            "n_range": [int(n_range[0]), int(n_range[1])], "seed": int(cfg.get("seed", 0))}
+
+
+# ------------------------------------------------------------------------------------------ items
+
+
+def _image_path(rec: dict, cfg: dict) -> str:
+    if rec.get("path"):
+        return rec["path"]
+    root = Path(cfg.get("images") or Path(cfg.get("data_root", ".")) / "images")
+    return str(root / rec["file_name"])
+
+
+def items_from_masks(masks_dir, cfg: dict, max_images: int | None = None) -> list[dict]:
+    """Engine items from step 1's records (``masks_dir/records.jsonl``; failed images are skipped)."""
+    from ris_utils import engine
+
+    items = []
+    for rec in engine.read_records(masks_dir, only_ok=True):
+        props = rec.get("proposals")
+        if props is None:
+            raise ValueError(f"{Path(masks_dir) / 'records.jsonl'}: record of image {rec.get('image_id')} has "
+                             "no 'proposals' (is this a masks-step output?)")
+        items.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
+                      "path": _image_path(rec, cfg), "height": rec.get("height"), "width": rec.get("width"),
+                      "masks": [{"mask_index": i, "segmentation": p["segmentation"], "bbox": p.get("bbox")}
+                                for i, p in enumerate(props)]})
+        if max_images and len(items) >= max_images:
+            break
+    return items
+
+
+def items_from_gt(cfg: dict, split: str, max_images: int | None = None) -> list[dict]:
+    """Engine items whose masks are the shapes world's ground-truth objects (``source: gt``)."""
+    from ris_utils.data import refer, shapes
+
+    scenes = shapes.load_scenes(cfg["data_root"])
+    items = []
+    for image_id in sorted(scenes):
+        sc = scenes[image_id]
+        if sc.split != split:
+            continue
+        masks = shapes.object_masks(sc)
+        items.append({"image_id": image_id, "file_name": sc.file_name,
+                      "path": str(Path(cfg["data_root"]) / "images" / sc.file_name),
+                      "height": sc.height, "width": sc.width,
+                      "masks": [{"mask_index": o.obj_id, "segmentation": refer.encode_mask(masks[o.obj_id]),
+                                 "bbox": refer.mask_bbox_xywh(masks[o.obj_id])} for o in sc.objects]})
+        if max_images and len(items) >= max_images:
+            break
+    if not items:
+        raise ValueError(f"captions source gt: no scene of split {split!r} under {cfg['data_root']}")
+    return items
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> dict:
+    """Record body of one image (see the module docstring)."""
+    import torch
+
+    from ris_utils.captioning import generate_candidates
+    from ris_utils.data import refer
+    from ris_utils.images import load_image_rgb
+
+    if mode not in MODES:
+        raise ValueError(f"captions mode must be one of {MODES}, got {mode!r}")
+    image = load_image_rgb(item["path"])
+    h, w = image.shape[:2]
+    entries = []
+    decoded = []
+    for m in item["masks"]:
+        mask = refer.decode_segmentation(m["segmentation"], h, w).astype(bool)
+        entries.append({"mask_index": int(m["mask_index"]), "segmentation": m["segmentation"],
+                        "bbox": m.get("bbox") or refer.mask_bbox_xywh(mask), "candidates": []})
+        decoded.append(mask)
+    live = [k for k, mask in enumerate(decoded) if mask.any()]
+    if live:
+        st = step_settings(cfg, mode)
+        views = captioner.views(image, [decoded[k] for k in live], view_kinds(cfg), fill=cfg.get("fill", 0))
+        dev = next(captioner.model.parameters()).device
+        with torch.no_grad():
+            cands = generate_candidates(
+                captioner.model, captioner.tokenizer, views.to(dev), st["settings"],
+                distinctive=mode == "distinctive", seed=st["seed"], image_key=item["image_id"],
+                seq_len=st["seq_len"], min_seq_len=st["min_seq_len"], temperature=st["temperature"],
+                min_masks=st["n_range"][0], max_masks=st["n_range"][1],
+                mask_indices=[entries[k]["mask_index"] for k in live], decoder=decoder)
+        for k, cs in zip(live, cands):
+            entries[k]["candidates"] = [{"text": c["text"], "view": int(c["view"]), "setting": c["setting"],
+                                         "mode": c["mode"]} for c in cs]
+    return {"height": int(h), "width": int(w), "masks": entries}
+
+
+def output_dir(cfg: dict, mode: str, split: str) -> Path:
+    return Path(cfg["work_dir"]) / "captions" / mode / split
+
+
+def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[dict] | None = None,
+                 out_dir=None, masks_dir=None, progress: bool = True) -> dict:
+    """Caption one split in one mode through the engine (resumable). Returns the engine summary + seconds.
+
+    Arguments:
+      cfg: ``profiles.step_config(profile, "captions", ...)``.
+      split: the split name (``train``, ``val``, ...): picks ``<work_dir>/masks/<split>`` / the GT scenes.
+      mode: ``naive`` or ``distinctive``.
+      captioner: a loaded :class:`ris_utils.train_captioner.Captioner` (default: ``load_captioner(cfg)``).
+      items: engine items (default: from ``masks_dir`` or, with ``source: gt``, the world's objects).
+      out_dir: default ``<work_dir>/captions/<mode>/<split>``.
+    """
+    from ris_utils import engine
+    from ris_utils.captioning import CocaDecoder
+    from ris_utils.train_captioner import load_captioner
+
+    if mode not in MODES:
+        raise ValueError(f"captions mode must be one of {MODES}, got {mode!r}")
+    max_images = cfg.get("max_images")
+    if items is None:
+        if cfg.get("source", "masks") == "gt":
+            items = items_from_gt(cfg, split, max_images)
+        else:
+            masks_dir = Path(masks_dir or Path(cfg["work_dir"]) / "masks" / split)
+            if not (masks_dir / engine.RECORDS).is_file():
+                raise FileNotFoundError(f"{masks_dir / engine.RECORDS} not found: run the masks step for split "
+                                        f"{split!r} first (notebook 01), or set captions.source: gt")
+            items = items_from_masks(masks_dir, cfg, max_images)
+    captioner = captioner or load_captioner(cfg)
+    decoder = CocaDecoder(captioner.model)
+    out_dir = Path(out_dir) if out_dir else output_dir(cfg, mode, split)
+    st = step_settings(cfg, mode)
+    t0 = time.perf_counter()
+    summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder), out_dir,
+                         seed=st["seed"], desc=f"captions {mode} {split}", config=st, progress=progress)
+    summary = dict(summary)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["out_dir"] = str(out_dir)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ distinct rate
+
+
+def candidate_table(records, scenes: dict, min_iou: float = 0.5) -> list[dict]:
+    """One row per candidate of the records, scored on the shapes world.
+
+    Row keys: ``image_id, mask_index, obj_id`` (matched GT object or None), ``iou, text, view, setting,
+    mode, n_words, distinct`` (``referee(text, scene) == {obj_id}``; False when unmatched).
+    """
+    from ris_utils.data import refer, shapes
+
+    rows = []
+    for rec in records:
+        if rec.get("status", "ok") != "ok":
+            continue
+        scene = scenes.get(rec["image_id"])
+        if scene is None:
+            raise KeyError(f"distinct_rate: image {rec['image_id']} has no scene (wrong data_root?)")
+        gt = shapes.object_masks(scene)
+        for m in rec["masks"]:
+            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
+            obj, iou = shapes.match_object(mask, gt, min_iou)
+            for c in m["candidates"]:
+                ok = obj is not None and shapes.referee(c["text"], scene) == {obj}
+                rows.append({"image_id": rec["image_id"], "mask_index": m["mask_index"], "obj_id": obj,
+                             "iou": round(float(iou), 4), "text": c["text"], "view": c["view"],
+                             "setting": c["setting"], "mode": c["mode"], "n_words": len(c["text"].split()),
+                             "distinct": bool(ok)})
+    return rows
+
+
+def distinct_rate(records, scenes: dict, min_iou: float = 0.5) -> dict:
+    """Distinct rate of caption candidates (docs/DESIGN.md).
+
+    Each mask is matched to the GT object of highest IoU (>= ``min_iou``, else unmatched); a candidate is
+    distinct when ``shapes.referee(text, scene) == {matched object}``.
+
+    Returns:
+      ``{"rate": distinct / candidates over matched masks (nan if none), "n_candidates", "n_distinct",
+      "n_masks", "n_matched_masks", "n_unmatched_masks", "n_unmatched_candidates",
+      "by_setting": {setting: rate}, "by_view": {view: rate}}``.
+    """
+    rows = candidate_table(records, scenes, min_iou)
+    matched = [r for r in rows if r["obj_id"] is not None]
+    masks = {(r["image_id"], r["mask_index"]): r["obj_id"] for r in rows}
+
+    def rate(rs):
+        return sum(r["distinct"] for r in rs) / len(rs) if rs else float("nan")
+
+    groups_s, groups_v = defaultdict(list), defaultdict(list)
+    for r in matched:
+        groups_s[r["setting"]].append(r)
+        groups_v[r["view"]].append(r)
+    return {"rate": rate(matched), "n_candidates": len(matched), "n_distinct": sum(r["distinct"] for r in matched),
+            "n_masks": len(masks), "n_matched_masks": sum(v is not None for v in masks.values()),
+            "n_unmatched_masks": sum(v is None for v in masks.values()),
+            "n_unmatched_candidates": len(rows) - len(matched),
+            "by_setting": {k: rate(v) for k, v in groups_s.items()},
+            "by_view": {k: rate(v) for k, v in sorted(groups_v.items())}}
+
+
+def text_statistics(records) -> dict:
+    """Mean caption length (words), vocabulary size and share of unique candidates per mask."""
+    lengths, vocab, uniq = [], Counter(), []
+    for rec in records:
+        if rec.get("status", "ok") != "ok":
+            continue
+        for m in rec["masks"]:
+            texts = [c["text"] for c in m["candidates"]]
+            for t in texts:
+                words = t.split()
+                lengths.append(len(words))
+                vocab.update(words)
+            if texts:
+                uniq.append(len(set(texts)) / len(texts))
+    return {"mean_length": float(np.mean(lengths)) if lengths else float("nan"), "vocab_size": len(vocab),
+            "unique_share": float(np.mean(uniq)) if uniq else float("nan"), "n_candidates": len(lengths)}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m ris_utils captions --masks DIR --out DIR --profile NAME [--mode M] [--param k=v]``."""
+    from ris_utils import profiles
+
+    ap = argparse.ArgumentParser(prog="python -m ris_utils captions",
+                                 description="Step 2: naive / distinctive caption candidates for every mask.")
+    ap.add_argument("--masks", default=None,
+                    help="folder with step 1's records.jsonl (default: <work_dir>/masks/<split>)")
+    ap.add_argument("--out", default=None, help="output folder (default: <work_dir>/captions/<mode>/<split>)")
+    ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
+    ap.add_argument("--mode", default=None, choices=MODES,
+                    help="naive or distinctive (default: every mode of the profile's captions.modes)")
+    ap.add_argument("--split", default=None, help="split name (default: every split of captions.splits)")
+    ap.add_argument("--param", action="append", default=[], help="override, e.g. max_images=10 (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ris_utils.train_captioner import load_captioner
+
+    cfg = profiles.step_config(args.profile, "captions", **profiles.parse_params(args.param))
+    modes = [args.mode] if args.mode else list(cfg.get("modes") or MODES)
+    splits = [args.split] if args.split else list(cfg.get("splits") or ["train"])
+    if (args.masks or args.out) and len(splits) * len(modes) > 1 and args.out:
+        raise SystemExit("--out names one folder: give --mode and --split too (or leave --out out)")
+    captioner = load_captioner(cfg)
+    for split in splits:
+        for mode in modes:
+            s = run_captions(cfg, split, mode, captioner, out_dir=args.out, masks_dir=args.masks)
+            print(f"captions {mode} {split}: {s['ok']} ok, {s['failed']} failed in {s['seconds']} s -> {s['out_dir']}")
+    return 0
+
+
+__all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt",
+           "caption_image", "run_captions", "output_dir", "candidate_table", "distinct_rate",
+           "text_statistics", "cli", "MODES"]
