@@ -697,7 +697,7 @@ def generate_candidates(
     temperature: float = 1.0,
     min_masks: int = 2,
     max_masks: int = 30,
-    max_rows: int = 65536,
+    max_rows: int = 16384,
     mask_indices=None,
     decoder: CocaDecoder | None = None,
 ) -> list[list[dict]]:
@@ -714,8 +714,9 @@ def generate_candidates(
             as in the authors' code); applied only when ``min_masks <= N <= max_masks``.
         seed, image_key: key the sampling noise together with (mask index, view, setting name).
         seq_len, min_seq_len, temperature: decoding lengths (open_clip's conventions) and temperature.
-        max_rows: at most this many decoder rows per batch (views are split into chunks above it;
-            results do not depend on it).
+        max_rows: at most this many decoder rows per batch (views, then settings, are split into chunks
+            above it; results do not depend on it). Memory of the decoder's KV cache ~ max_rows * seq_len *
+            width * 2 * layers * bytes: 16384 rows of coca_ViT-L-14 in fp16 at seq_len 30 ~ 18 GB.
         mask_indices: N ids used in the noise keys (default 0..N-1), e.g. the masks' indices in the record.
         decoder: a prebuilt :class:`CocaDecoder` of ``model`` (optional).
     Returns:
@@ -750,21 +751,25 @@ def generate_candidates(
         for r, seq in enumerate(seqs):
             results[(r % n_, r // n_, si)] = seq
     if samples:
+        # chunks of (views x settings) with at most max_rows decoder rows (N rows per prefix with contrast)
         contrast = distinctive and min_masks <= n_ <= max_masks
-        per_view = len(samples) * n_ * (n_ if contrast else 1)
-        chunk = max(1, max_rows // max(per_view, 1))
-        for v0 in range(0, v_, chunk):
-            vs = list(range(v0, min(v_, v0 + chunk)))
-            keys = np.array([[[row_key(seed, image_key, mask_indices[i], v, s.name) for i in range(n_)]
-                              for _, s in samples] for v in vs], dtype=np.uint64)
-            res = sample_captions(decoder, ids, embs[vs], latents[vs], [s for _, s in samples], keys,
-                                  distinctive=distinctive, seq_len=seq_len, min_seq_len=min_seq_len,
-                                  temperature=temperature, min_masks=min_masks, max_masks=max_masks)
-            toks = res.tokens.cpu()
-            for a, v in enumerate(vs):
-                for b, (si, _) in enumerate(samples):
-                    for i in range(n_):
-                        results[(i, v, si)] = toks[a, b, i].tolist()
+        per_setting = n_ * (n_ if contrast else 1)
+        s_chunk = max(1, min(len(samples), max_rows // per_setting))
+        v_chunk = max(1, max_rows // (per_setting * len(samples))) if s_chunk == len(samples) else 1
+        for v0 in range(0, v_, v_chunk):
+            vs = list(range(v0, min(v_, v0 + v_chunk)))
+            for s0 in range(0, len(samples), s_chunk):
+                part = samples[s0: s0 + s_chunk]
+                keys = np.array([[[row_key(seed, image_key, mask_indices[i], v, s.name) for i in range(n_)]
+                                  for _, s in part] for v in vs], dtype=np.uint64)
+                res = sample_captions(decoder, ids, embs[vs], latents[vs], [s for _, s in part], keys,
+                                      distinctive=distinctive, seq_len=seq_len, min_seq_len=min_seq_len,
+                                      temperature=temperature, min_masks=min_masks, max_masks=max_masks)
+                toks = res.tokens.cpu()
+                for a, v in enumerate(vs):
+                    for b, (si, _) in enumerate(part):
+                        for i in range(n_):
+                            results[(i, v, si)] = toks[a, b, i].tolist()
 
     out = []
     for i in range(n_):

@@ -174,18 +174,23 @@ class SamplingSetProcessor(LogitsProcessor):
     def __init__(self, top_k: Sequence[int], top_p: Sequence[float]):
         if len(top_k) != len(top_p):
             raise ValueError(f"top_k and top_p need one value per row each, got {len(top_k)} and {len(top_p)}")
-        self.k = TopKLogitsProcessor(list(top_k))
-        self.p = TopPLogitsProcessor(list(top_p))
-        self.use_k = torch.tensor([k > 0 for k in top_k])
+        top_k, top_p = list(top_k), list(top_p)
+        TopKLogitsProcessor(top_k), TopPLogitsProcessor(top_p)  # validate
+        self.rows_k = [r for r, k in enumerate(top_k) if k > 0]
+        self.rows_p = [r for r, (k, p) in enumerate(zip(top_k, top_p)) if k == 0 and p < 1.0]
+        self.k = TopKLogitsProcessor([top_k[r] for r in self.rows_k]) if self.rows_k else None
+        self.p = TopPLogitsProcessor([top_p[r] for r in self.rows_p]) if self.rows_p else None
+        self.n_rows = len(top_k)
 
     def removed(self, scores: torch.Tensor) -> torch.Tensor:
-        """Bool (B, V): True outside each row's sampling set."""
-        use_k = self.use_k.to(scores.device).unsqueeze(1)
+        """Bool (B, V): True outside each row's sampling set (each filter runs on its own rows only)."""
+        if scores.shape[0] != self.n_rows:
+            raise ValueError(f"SamplingSetProcessor built for {self.n_rows} rows, got scores for {scores.shape[0]}")
         out = torch.zeros_like(scores, dtype=torch.bool)
-        if bool(use_k.any()):
-            out = torch.where(use_k, self.k.removed(scores), out)
-        if not bool(use_k.all()):
-            out = torch.where(use_k, out, self.p.removed(scores))
+        for rows, proc in ((self.rows_k, self.k), (self.rows_p, self.p)):
+            if rows:
+                idx = torch.tensor(rows, device=scores.device)
+                out[idx] = proc.removed(scores[idx])
         return out
 
     def __call__(self, input_ids, scores):
