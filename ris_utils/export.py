@@ -258,6 +258,36 @@ def load_export(out_dir, card: dict | None = None) -> refer.ReferData:
     return refer.load_refer(out_dir, card["dataset"], card["split_by"])
 
 
+def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", scorer=None, captions_cfg=None,
+                    progress: bool = True) -> dict:
+    """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train).
+
+    Each entry ``{name: {mode, filtered}}``: ``filtered: false`` exports every candidate of
+    ``<work_dir>/captions/<mode>/<split>``; ``filtered: true`` filters it first
+    (``<work_dir>/filter/<mode>/<split>``, :func:`ris_utils.filtering.filter_split`) and exports the
+    survivors. Returns ``{name: dataset card}``.
+    """
+    from ris_utils.filtering import filter_split, images_dir_of, step_dirs
+
+    sets = export_cfg.get("trainsets") or {}
+    if not sets:
+        raise ValueError("export.trainsets is empty: name at least one {name: {mode, filtered}}")
+    cards = {}
+    work = Path(export_cfg["work_dir"])
+    for name, spec in sets.items():
+        mode, filtered = spec.get("mode"), bool(spec.get("filtered"))
+        cdir, _ = step_dirs(work, mode, split, 0, 0)
+        if filtered:
+            src = filter_split(filter_cfg, captions_cfg or {"seed": 0}, mode, split, scorer=scorer, progress=progress)
+        else:
+            src = cdir
+        cards[name] = export_dataset(src, work / "export" / name, dataset=export_cfg.get("dataset", DEFAULT_DATASET),
+                                     split_by=export_cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=not filtered,
+                                     images_dir=images_dir_of(filter_cfg), images=export_cfg.get("image_mode", "link"),
+                                     dedupe=bool(export_cfg.get("dedupe", False)), name=name)
+    return cards
+
+
 # --------------------------------------------------------------------------- semi-supervised mix
 
 
@@ -390,5 +420,5 @@ def cli_mix(argv: list[str] | None = None) -> int:
 
 cli = cli_export
 
-__all__ = ["export_dataset", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
+__all__ = ["export_dataset", "build_trainsets", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
            "cli_export", "cli_mix"]
