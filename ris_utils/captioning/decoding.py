@@ -387,8 +387,8 @@ class CocaDecoder:
 
 @dataclass
 class SampleResult:
-    """Output of :func:`sample_captions`: tokens (V, S, N, seq_len) ``[sot, ..., eot, pad...]`` and a flag
-    per (V, S, N) row telling whether the contrast term was used."""
+    """Output of :func:`sample_captions`: tokens (V, S, N, seq_len) ``[sot, ..., eot, pad...]`` and whether
+    the contrast term was used (``distinctive`` asked and ``min_masks <= N <= max_masks``)."""
 
     tokens: torch.Tensor
     distinctive: bool
@@ -423,7 +423,19 @@ def sample_captions(
     min_masks: int = 2,
     max_masks: int = 30,
 ) -> SampleResult:
-    """Sample one caption per (view, setting, mask) of ONE image, all rows in one batch.
+    r"""Sample one caption per (view, setting, mask) of ONE image, all rows in one batch.
+
+    Distinctive caption sampling (Pseudo-RIS, Sec. 3.2), at every step t for mask i of N (same view):
+
+    .. math::
+        z'_i = z_i - \frac{1}{N-1} \sum_{j \ne i} s_{ij}\, z_j, \qquad
+        p_i = \mathrm{softmax}(z'_i / T) \text{ on } \mathcal{V}_i, \quad
+        p_i[\mathrm{eot}] \leftarrow \mathrm{softmax}(z_i / T)[\mathrm{eot}]
+
+    ``z_i``: logits of the prefix under mask i's crop after the min-length rule, restricted to i's
+    top-k / top-p set :math:`\mathcal{V}_i`; ``z_j``: logits of the SAME prefix under mask j's crop;
+    ``s_ij``: cosine similarity of the crops' CoCa image embeddings; ``p_i`` renormalised before
+    sampling, target-only fallback if it vanishes (:class:`~ris_utils.captioning.processors.DistinctiveContrast`).
 
     Arguments:
         decoder: :class:`CocaDecoder` of the captioner.
