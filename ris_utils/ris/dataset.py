@@ -1,0 +1,227 @@
+"""REFER-format datasets for the RIS model: letterboxing, tokens, one sentence drawn per ref per epoch.
+
+Input pipeline as CRIS's: the image is resized keeping its aspect ratio so its longer side fits the input
+size S, centred on an SxS canvas filled with the CLIP mean colour (0 after normalisation), then normalised
+with CLIP's mean/std; the mask goes through the same letterbox. At test time the prediction is warped back:
+crop the padding, resize to the original HxW (:func:`unletterbox`).
+
+Training samples are refs. A ref may carry several sentences (ground truth: several annotators; pseudo
+supervision: the surviving captions of a mask); each epoch draws ONE of them per ref, uniformly, from a
+generator seeded by ``(seed, epoch)`` -- the authors' "one surviving caption per sample" -- so every DDP
+rank and a resumed run draw the same sentences. Evaluation samples are (ref, sentence) pairs: every
+sentence of every ref.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ris_utils.data.refer import ReferData, load_refer, select_split
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Letterbox", "letterbox_params", "letterbox_image", "letterbox_mask", "unletterbox",
+           "resolve_refer", "open_refer", "RisTrainSet", "RisEvalSet", "CLIP_MEAN", "CLIP_STD"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Geometry of a letterbox of an HxW image into SxS: content at rows top:top+new_h, cols left:left+new_w."""
+
+    height: int
+    width: int
+    size: int
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+
+
+def letterbox_params(height: int, width: int, size: int) -> Letterbox:
+    """scale = min(S/H, S/W); the resized content is centred (CRIS's ``getTransformMat``)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale = min(size / height, size / width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return Letterbox(height, width, size, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2)
+
+
+def letterbox_image(img: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """HxWx3 uint8 -> (SxSx3 uint8 letterboxed on the CLIP mean colour, geometry)."""
+    h, w = img.shape[:2]
+    lb = letterbox_params(h, w, size)
+    resized = np.asarray(Image.fromarray(img).resize((lb.new_w, lb.new_h), Image.BILINEAR))
+    out = np.empty((size, size, 3), dtype=np.uint8)
+    out[:] = np.round(np.array(CLIP_MEAN) * 255).astype(np.uint8)
+    out[lb.top:lb.top + lb.new_h, lb.left:lb.left + lb.new_w] = resized
+    return out, lb
+
+
+def letterbox_mask(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
+    """HxW {0,1} mask -> SxS uint8 {0,1} through the same letterbox (bilinear, then > 0.5, as CRIS)."""
+    m = Image.fromarray((np.asarray(mask) > 0).astype(np.float32))
+    m = np.asarray(m.resize((lb.new_w, lb.new_h), Image.BILINEAR)) > 0.5
+    out = np.zeros((lb.size, lb.size), dtype=np.uint8)
+    out[lb.top:lb.top + lb.new_h, lb.left:lb.left + lb.new_w] = m
+    return out
+
+
+def unletterbox(prob: torch.Tensor, lb: Letterbox) -> torch.Tensor:
+    """Warp a prediction back to the original image: (h, w) map over the SxS input (any h = w, e.g. S/4)
+    -> resized to SxS (bilinear), padding cropped, resized to the original HxW (bilinear). Returns (H, W)."""
+    p = prob.float()[None, None]
+    if p.shape[-1] != lb.size or p.shape[-2] != lb.size:
+        p = torch.nn.functional.interpolate(p, size=(lb.size, lb.size), mode="bilinear", align_corners=False)
+    p = p[..., lb.top:lb.top + lb.new_h, lb.left:lb.left + lb.new_w]
+    p = torch.nn.functional.interpolate(p, size=(lb.height, lb.width), mode="bilinear", align_corners=False)
+    return p[0, 0]
+
+
+def resolve_refer(path: str | os.PathLike, dataset: str | None = None, split_by: str | None = None
+                  ) -> tuple[Path, str, str]:
+    """Find ``(data_root, dataset, split_by)`` of a REFER dataset given as a folder.
+
+    ``path`` may be the data root (holding ``<dataset>/refs(<split_by>).p``) or the dataset folder itself
+    (holding ``refs(<split_by>).p``). ``dataset`` / ``split_by`` pick one when several exist.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"REFER dataset folder {path} does not exist")
+    found = [(path.parent, path.name, p.name[5:-3]) for p in sorted(path.glob("refs(*).p"))]
+    if not found:
+        found = [(path, p.parent.name, p.name[5:-3]) for p in sorted(path.glob("*/refs(*).p"))]
+    if dataset is not None:
+        found = [f for f in found if f[1] == dataset]
+    if split_by is not None:
+        found = [f for f in found if f[2] == split_by]
+    if len(found) != 1:
+        what = ", ".join(f"{d}/refs({s}).p" for _, d, s in found) or "none"
+        raise ValueError(f"{path}: expected exactly one REFER dataset <dataset>/refs(<split_by>).p matching "
+                         f"dataset={dataset!r} split_by={split_by!r}; found {what}. Pass --dataset / --split-by.")
+    return found[0]
+
+
+def _image_path(refer: ReferData, image_id: int, fallback_roots=()) -> Path:
+    try:
+        return refer.image_path(image_id)
+    except FileNotFoundError:
+        name = refer.imgs[image_id]["file_name"]
+        for root in fallback_roots:
+            for d in ("images", "images/train2014", "images/mscoco/images/train2014", "."):
+                p = Path(root) / d / name
+                if p.exists():
+                    return p
+        raise
+
+
+def _to_tensor_image(img: torch.Tensor) -> torch.Tensor:
+    """3xSxS uint8 -> 3xSxS float, CLIP-normalised."""
+    x = img.float() / 255.0
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+class _ReferBase(torch.utils.data.Dataset):
+    """Shared loading: refs of one split, letterboxed images/masks (memoised when ``cache``), tokens."""
+
+    def __init__(self, refer: ReferData, split: str, tokenizer, input_size: int, word_len: int,
+                 cache: bool = True, image_fallback_roots=()):
+        from ris_utils.images import load_image_rgb
+
+        self._load = load_image_rgb
+        self.refer = refer
+        self.split = split
+        self.refs = [r for r in select_split(refer.refs, split) if r["sentences"]]
+        if not self.refs:
+            raise ValueError(f"{refer.data_root}/{refer.dataset}: split {split!r} has no refs with sentences")
+        self.input_size, self.word_len, self.cache = int(input_size), int(word_len), bool(cache)
+        self.fallback = tuple(image_fallback_roots)
+        self.tokens = [tokenizer([s["sent"] or s["raw"] for s in r["sentences"]], context_length=self.word_len)
+                       for r in self.refs]  # per ref (n_sent, L)
+        self._img_cache: dict[int, tuple[torch.Tensor, Letterbox]] = {}
+        self._mask_cache: dict[int, torch.Tensor] = {}
+
+    def image(self, image_id: int) -> tuple[torch.Tensor, Letterbox]:
+        if image_id in self._img_cache:
+            return self._img_cache[image_id]
+        img = self._load(_image_path(self.refer, image_id, self.fallback))
+        info = self.refer.imgs[image_id]
+        if img.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"image {image_id}: file is {img.shape[1]}x{img.shape[0]} but instances.json says "
+                             f"{info['width']}x{info['height']}")
+        lbimg, lb = letterbox_image(img, self.input_size)
+        out = (torch.from_numpy(lbimg).permute(2, 0, 1).contiguous(), lb)  # uint8 3xSxS
+        if self.cache:
+            self._img_cache[image_id] = out
+        return out
+
+    def lb_mask(self, i: int, lb: Letterbox) -> torch.Tensor:
+        if i in self._mask_cache:
+            return self._mask_cache[i]
+        m = torch.from_numpy(letterbox_mask(self.refer.get_mask(self.refs[i]), lb))
+        if self.cache:
+            self._mask_cache[i] = m
+        return m
+
+
+class RisTrainSet(_ReferBase):
+    """Refs of a split; ``set_epoch(e)`` fixes which sentence each ref uses this epoch.
+
+    Item: ``{"img": 3xSxS float (normalised), "tokens": (L,) long, "mask": SxS float {0,1}, "index": int}``.
+    """
+
+    def __init__(self, *args, seed: int = 0, **kw):
+        super().__init__(*args, **kw)
+        self.seed = int(seed)
+        self.n_sents = np.array([len(t) for t in self.tokens])
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        self.choice = np.floor(rng.random(len(self.refs)) * self.n_sents).astype(int)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> dict:
+        img, lb = self.image(self.refs[i]["image_id"])
+        return {"img": _to_tensor_image(img), "tokens": self.tokens[i][self.choice[i]],
+                "mask": self.lb_mask(i, lb).float(), "index": i}
+
+
+class RisEvalSet(_ReferBase):
+    """Every sentence of every ref of a split. Item: ``{"img", "tokens", "ref_index", "sent_index"}``;
+    :meth:`gt_mask` gives the original-size HxW mask, :meth:`geometry` the letterbox of the ref's image."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.pairs = [(i, j) for i, t in enumerate(self.tokens) for j in range(len(t))]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.pairs[k]
+        img, _ = self.image(self.refs[i]["image_id"])
+        return {"img": _to_tensor_image(img), "tokens": self.tokens[i][j],
+                "ref_index": i, "sent_index": j}
+
+    def geometry(self, i: int) -> Letterbox:
+        return self.image(self.refs[i]["image_id"])[1]
+
+    def gt_mask(self, i: int) -> np.ndarray:
+        return self.refer.get_mask(self.refs[i])
+
+
+def open_refer(path, dataset=None, split_by=None) -> ReferData:
+    root, ds, sb = resolve_refer(path, dataset, split_by)
+    return load_refer(root, ds, sb)

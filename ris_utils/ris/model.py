@@ -1,0 +1,392 @@
+"""A CRIS-style referring image segmentation model on an open_clip CLIP (Wang et al., CVPR 2022).
+
+Architecture (as CRIS's ``model/segmenter.py`` + ``model/layers.py``, written here against open_clip):
+
+- **image encoder**: the CLIP ``ModifiedResNet``; C3 = ``layer2`` (stride 8, 8·w channels), C4 = ``layer3``
+  (stride 16, 16·w), C5 = CLIP's attention pool applied to EVERY position of ``layer4`` (stride 32,
+  ``embed_dim`` channels; positional embedding resized bicubically) plus a 1x1 conv + BN shortcut, ReLU.
+- **text encoder**: the CLIP text transformer; word features = ``ln_final`` output (B, L, text width),
+  sentence feature = the end-of-text position projected by ``text_projection`` (B, embed_dim).
+- **neck** (:class:`FPN`): sentence-conditioned fusion ``f5 = ReLU(BN(proj(C5) ⊙ proj(s)))``, then top-down
+  fusion with C4 and C3, aggregation at stride 16 and a CoordConv.
+- **decoder** (:class:`VisionLanguageDecoder`): transformer layers, self-attention over visual tokens
+  and cross-attention to the words (sine positional encodings, key padding mask on pad tokens).
+- **projector** (:class:`Projector`): text-to-pixel contrast. Visual features are upsampled ×4 (stride 4)
+  and convolved with a per-sample 3x3 kernel + bias generated from the sentence feature:
+  ``logit(x) = <W(s), Z_v(x)> + b(s)``; trained with BCE-with-logits against the mask (CRIS Eq. 5-6).
+
+Builders live in :data:`MODEL_REGISTRY` keyed by the names of the tables: ``cris_rn50`` / ``cris_rn101``
+(OpenAI CLIP weights through open_clip) and ``cris_tiny`` (``ris_clip_tiny`` from
+``ris_utils/model_configs``, random init, for the shapes world).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CRIS", "FPN", "Projector", "VisionLanguageDecoder", "MODEL_REGISTRY", "build_model", "ris_loss"]
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int = 1, p: int = 0, s: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, s, p, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+
+
+class CoordConv(nn.Module):
+    """conv-bn-relu over the input with two extra channels holding x and y in [-1, 1]."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3, p: int = 1):
+        super().__init__()
+        self.conv = conv_bn_relu(c_in + 2, c_out, k, p)
+
+    def forward(self, x):  # (B, C, H, W)
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        coords = torch.stack([gx, gy]).expand(b, 2, h, w)
+        return self.conv(torch.cat([x, coords], 1))
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+class CLIPBackbone(nn.Module):
+    """Multi-scale image features and word/sentence features from an open_clip ``CLIP`` with a
+    ``ModifiedResNet`` image tower.
+
+    Arguments:
+      clip: an ``open_clip.model.CLIP`` whose ``visual`` is a ``ModifiedResNet``.
+      word_len: number of text tokens used (CRIS: 17); positional embedding and causal mask are cut to it.
+      eot_token_id: id of the end-of-text token (the sentence feature is read there).
+    """
+
+    def __init__(self, clip: nn.Module, word_len: int, eot_token_id: int):
+        super().__init__()
+        from open_clip.modified_resnet import ModifiedResNet
+
+        if not isinstance(clip.visual, ModifiedResNet):
+            raise ValueError(f"CRIS needs a ModifiedResNet (RN50-family) image tower, got {type(clip.visual).__name__}")
+        if word_len > clip.positional_embedding.shape[0]:
+            raise ValueError(f"word_len={word_len} exceeds the text context length {clip.positional_embedding.shape[0]}")
+        self.visual = clip.visual
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+        self.register_buffer("attn_mask", clip.attn_mask[:word_len, :word_len].clone(), persistent=False)
+        self.word_len = int(word_len)
+        self.eot_token_id = int(eot_token_id)
+        pool = self.visual.attnpool
+        c5_in = pool.k_proj.in_features
+        c5_out = pool.c_proj.out_features
+        # CRIS: a shortcut around the spatial attention pool (new, randomly initialised).
+        self.c5_shortcut = nn.Sequential(nn.Conv2d(c5_in, c5_out, 1, bias=False), nn.BatchNorm2d(c5_out))
+        width = self.visual.layer1[0].conv1.in_channels
+        self.channels = (width * 8, width * 16, c5_out)  # C3, C4, C5
+        self.text_width = self.ln_final.normalized_shape[0]
+        self.embed_dim = (self.text_projection.shape[1] if isinstance(self.text_projection, torch.Tensor)
+                          else self.text_projection.out_features)
+
+    def spatial_attnpool(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP's attention pool run at every position of (B, C, H, W) -> (B, embed_dim, H, W)."""
+        pool = self.visual.attnpool
+        b, c, h, w = x.shape
+        res = self.c5_shortcut(x)
+        side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
+        pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+        if (side, side) != (h, w):
+            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+        x = (x + pos.to(x.dtype)).flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=c, num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=self.training,
+            need_weights=False)
+        x = x.permute(1, 2, 0).reshape(b, -1, h, w)
+        return F.relu(x + res)
+
+    def encode_image(self, img: torch.Tensor):
+        """img (B, 3, S, S) normalised -> (C3 (B, 8w, S/8, S/8), C4 (B, 16w, S/16, S/16), C5 (B, D, S/32, S/32))."""
+        v = self.visual
+        x = v.stem(img.to(v.conv1.weight.dtype))
+        x = v.layer1(x)
+        c3 = v.layer2(x)
+        c4 = v.layer3(c3)
+        c5 = self.spatial_attnpool(v.layer4(c4))
+        return c3, c4, c5
+
+    def encode_text(self, tokens: torch.Tensor):
+        """tokens (B, L) -> words (B, L, text width), sentence (B, embed_dim) read at the end-of-text token."""
+        L = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:L]
+        x = self.transformer(x, attn_mask=self.attn_mask[:L, :L])
+        x = self.ln_final(x)  # (B, L, W)
+        is_eot = tokens == self.eot_token_id
+        eot = torch.where(is_eot.any(1), is_eot.float().argmax(1), tokens.argmax(1))
+        state = x[torch.arange(len(x), device=x.device), eot]
+        if isinstance(self.text_projection, torch.Tensor):
+            state = state @ self.text_projection
+        else:
+            state = self.text_projection(state)
+        return x, state
+
+
+# --------------------------------------------------------------------------- neck / decoder / projector
+
+
+class FPN(nn.Module):
+    """Sentence-conditioned feature pyramid (CRIS's neck).
+
+    Arguments:
+      in_channels: (C3, C4, C5) channels; C5 must equal the sentence feature dim.
+      out_channels: (o3, o4, o5); o4 is the width of the fused map (= the decoder's ``d_model``).
+    Input: (C3, C4, C5) maps at strides 8/16/32 and the sentence feature (B, C5); output (B, o4, S/16, S/16).
+    """
+
+    def __init__(self, in_channels=(512, 1024, 1024), out_channels=(256, 512, 1024)):
+        super().__init__()
+        i3, i4, i5 = in_channels
+        o3, o4, o5 = out_channels
+        self.txt_proj = nn.Sequential(nn.Linear(i5, o5, bias=False), nn.BatchNorm1d(o5), nn.ReLU(True))
+        self.f5_proj = conv_bn_relu(i5, o5, 1, 0)
+        self.f5_norm = nn.Sequential(nn.BatchNorm2d(o5), nn.ReLU(True))
+        self.f4_proj = conv_bn_relu(i4, o4, 3, 1)
+        self.f4_cat = conv_bn_relu(o5 + o4, o4, 1, 0)
+        self.f3_proj = conv_bn_relu(i3, o3, 3, 1)
+        self.f3_cat = conv_bn_relu(o3 + o4, o4, 1, 0)
+        self.q5 = conv_bn_relu(o5, o4, 3, 1)
+        self.q4 = conv_bn_relu(o4, o4, 3, 1)
+        self.q3 = conv_bn_relu(o4, o4, 3, 1)
+        self.aggr = conv_bn_relu(3 * o4, o4, 1, 0)
+        self.coord = nn.Sequential(CoordConv(o4, o4, 3, 1), conv_bn_relu(o4, o4, 3, 1))
+
+    def forward(self, feats, state):
+        v3, v4, v5 = feats
+        s = self.txt_proj(state)[:, :, None, None]  # (B, o5, 1, 1)
+        f5 = self.f5_norm(self.f5_proj(v5) * s)  # stride 32: multiplicative text fusion
+        f5_up = F.interpolate(f5, size=v4.shape[-2:], mode="bilinear", align_corners=False)
+        f4 = self.f4_cat(torch.cat([self.f4_proj(v4), f5_up], 1))  # stride 16
+        f3 = F.adaptive_avg_pool2d(self.f3_proj(v3), v4.shape[-2:])  # stride 8 -> 16
+        f3 = self.f3_cat(torch.cat([f3, f4], 1))
+        q5 = F.interpolate(self.q5(f5), size=v4.shape[-2:], mode="bilinear", align_corners=False)
+        fq = self.aggr(torch.cat([self.q3(f3), self.q4(f4), q5], 1))
+        return self.coord(fq)  # (B, o4, S/16, S/16)
+
+
+def sine_pos_1d(d: int, length: int) -> torch.Tensor:
+    """(length, d) sinusoidal positions (Vaswani et al.)."""
+    if d % 2:
+        raise ValueError(f"1-d sine positional encoding needs an even dim, got {d}")
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * (-math.log(10000.0) / d))
+    pe = torch.zeros(length, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    return pe
+
+
+def sine_pos_2d(d: int, h: int, w: int) -> torch.Tensor:
+    """(h*w, d) 2-d sinusoidal positions: first half of the channels encode x, second half y."""
+    if d % 4:
+        raise ValueError(f"2-d sine positional encoding needs a dim divisible by 4, got {d}")
+    px = sine_pos_1d(d // 2, w)  # (w, d/2)
+    py = sine_pos_1d(d // 2, h)  # (h, d/2)
+    pe = torch.cat([px[None, :, :].expand(h, w, d // 2), py[:, None, :].expand(h, w, d // 2)], -1)
+    return pe.reshape(h * w, d)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer: self-attention over visual tokens, cross-attention to words, FFN (CRIS layout)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_ffn: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn_norm, self.cross_attn_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d_model, dim_ffn), nn.ReLU(True), nn.Dropout(dropout),
+                                 nn.LayerNorm(dim_ffn), nn.Linear(dim_ffn, d_model))
+        self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, vis, txt, vis_pos, txt_pos, pad_mask):
+        # vis (B, HW, D), txt (B, L, D), vis_pos (HW, D), txt_pos (L, D), pad_mask (B, L) True = padding
+        v = self.norm1(vis)
+        q = v + vis_pos
+        vis = vis + self.drop1(self.self_attn_norm(self.self_attn(q, q, v, need_weights=False)[0]))
+        v = self.norm2(vis)
+        v = self.cross_attn(v + vis_pos, txt + txt_pos, txt, key_padding_mask=pad_mask, need_weights=False)[0]
+        vis = vis + self.drop2(self.cross_attn_norm(v))
+        return vis + self.drop3(self.ffn(self.norm3(vis)))
+
+
+class VisionLanguageDecoder(nn.Module):
+    """Stack of :class:`DecoderLayer` + final LayerNorm: (B, D, h, w) visual map, (B, L, D) words -> (B, D, h, w)."""
+
+    def __init__(self, num_layers: int, d_model: int, nhead: int, dim_ffn: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderLayer(d_model, nhead, dim_ffn, dropout) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, vis, txt, pad_mask):
+        b, c, h, w = vis.shape
+        vis_pos = sine_pos_2d(c, h, w).to(vis)
+        txt_pos = sine_pos_1d(txt.shape[-1], txt.shape[1]).to(txt)
+        x = vis.flatten(2).transpose(1, 2)  # (B, HW, D)
+        for layer in self.layers:
+            x = layer(x, txt, vis_pos, txt_pos, pad_mask)
+        return self.norm(x).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Projector(nn.Module):
+    """Text-to-pixel contrast (CRIS Sec. 3.2): ``logit = conv2d(Z_v, W(s)) + b(s)`` per sample.
+
+    ``Z_v`` = the decoder map upsampled ×4 (two ×2 bilinear + conv stages) to ``in_dim`` channels;
+    ``W(s), b(s)`` = a linear map of the sentence feature s into a ``in_dim``×k×k kernel and a bias.
+    Input (B, 2·in_dim, h, w) and (B, word_dim); output logits (B, 1, 4h, 4w).
+    """
+
+    def __init__(self, word_dim: int, in_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.in_dim, self.kernel_size = in_dim, kernel_size
+        self.vis = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            conv_bn_relu(in_dim * 2, in_dim * 2, 3, 1),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            conv_bn_relu(in_dim * 2, in_dim, 3, 1),
+            nn.Conv2d(in_dim, in_dim, 1))
+        self.txt = nn.Linear(word_dim, in_dim * kernel_size * kernel_size + 1)
+
+    def forward(self, x, state):
+        x = self.vis(x)  # (B, C, H, W)
+        b, c, h, w = x.shape
+        params = self.txt(state)  # (B, C*k*k + 1)
+        weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
+        bias = params[:, -1]
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight, bias=bias, padding=self.kernel_size // 2, groups=b)
+        return out.transpose(0, 1)  # (B, 1, H, W)
+
+
+def ris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
+    """BCE-with-logits between logits (B, 1, h, w) and a mask (B, H, W) in {0, 1} resized (nearest) to h x w.
+
+    CRIS Eq. 6: L = -mean_x [ y_x log σ(z_x) + (1 - y_x) log(1 - σ(z_x)) ].
+    (our choice, off by default) ``dice_weight`` > 0 adds ``dice_weight * mean_b (1 - 2|σ(z)·y| / (|σ(z)| + |y|))``.
+    """
+    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode="nearest")
+    loss = F.binary_cross_entropy_with_logits(logits, target)
+    if dice_weight:
+        p = torch.sigmoid(logits).flatten(1)
+        t = target.flatten(1)
+        dice = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
+        loss = loss + dice_weight * dice.mean()
+    return loss
+
+
+class CRIS(nn.Module):
+    """CRIS: CLIP backbone -> FPN neck -> vision-language decoder -> text-to-pixel projector.
+
+    ``forward(img (B, 3, S, S), tokens (B, L))`` -> logits (B, 1, S/4, S/4).
+    """
+
+    def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
+                 dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        fpn_out = tuple(int(c) for c in fpn_out)
+        if fpn_out[1] != backbone.text_width:
+            raise ValueError(f"fpn_out[1]={fpn_out[1]} must equal the text width {backbone.text_width} "
+                             "(the decoder cross-attends visual tokens to word features)")
+        self.neck = FPN(backbone.channels, fpn_out)
+        self.decoder = VisionLanguageDecoder(num_layers, fpn_out[1], num_heads, dim_ffn, dropout)
+        self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3)
+        self.pad_token_id = int(pad_token_id)
+
+    def forward(self, img: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        pad_mask = tokens == self.pad_token_id  # (B, L)
+        feats = self.backbone.encode_image(img)
+        words, state = self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
+        fq = self.neck(feats, state)  # (B, D, S/16, S/16)
+        fq = self.decoder(fq, words, pad_mask)
+        return self.proj(fq, state)  # (B, 1, S/4, S/4)
+
+    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: the CLIP backbone at ``lr * backbone_lr_mult`` (CRIS: 0.1), the rest at ``lr``."""
+        bb = [p for n, p in self.named_parameters() if n.startswith("backbone.") and "c5_shortcut" not in n]
+        bb_ids = {id(p) for p in bb}
+        rest = [p for p in self.parameters() if id(p) not in bb_ids]
+        return [{"params": bb, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
+                {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _clip(name: str, pretrained: str | None, image_size: int | None = None, vocab_size: int | None = None,
+          context_length: int | None = None):
+    """An open_clip CLIP; for random-init models the input size, vocabulary and context length may be set."""
+    import open_clip
+
+    from ris_utils.models import register_open_clip_configs
+
+    register_open_clip_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"open_clip has no model config {name!r}")
+    kwargs = {}
+    if pretrained is None:
+        vision_cfg, text_cfg = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
+        if image_size:
+            vision_cfg["image_size"] = int(image_size)
+        if vocab_size:
+            text_cfg["vocab_size"] = int(vocab_size)
+        if context_length:
+            text_cfg["context_length"] = int(context_length)
+        kwargs = {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
+
+
+def _build(clip_name: str, default_pretrained: str | None, defaults: dict, word_len: int, eot_token_id: int,
+           pretrained: str | None = "default", image_size: int | None = None, vocab_size: int | None = None,
+           **head) -> CRIS:
+    pretrained = default_pretrained if pretrained == "default" else pretrained
+    clip = _clip(clip_name, pretrained, image_size=image_size, vocab_size=vocab_size,
+                 context_length=word_len if pretrained is None else None)
+    backbone = CLIPBackbone(clip, word_len=word_len, eot_token_id=eot_token_id)
+    return CRIS(backbone, **{**defaults, **head})
+
+
+def build_cris_rn50(word_len=17, eot_token_id=49407, **kw) -> CRIS:
+    """CRIS on OpenAI CLIP RN50 (the paper's setting): fpn (256, 512, 1024), 3 layers, 8 heads, ffn 2048."""
+    d = dict(fpn_out=(256, 512, 1024), num_layers=3, num_heads=8, dim_ffn=2048, dropout=0.1)
+    return _build("RN50", "openai", d, word_len, eot_token_id, **kw)
+
+
+def build_cris_rn101(word_len=17, eot_token_id=49407, **kw) -> CRIS:
+    """CRIS on OpenAI CLIP RN101 (C5 = 512 channels)."""
+    d = dict(fpn_out=(256, 512, 1024), num_layers=3, num_heads=8, dim_ffn=2048, dropout=0.1)
+    return _build("RN101", "openai", d, word_len, eot_token_id, **kw)
+
+
+def build_cris_tiny(word_len=17, eot_token_id=49407, clip_model: str = "ris_clip_tiny", **kw) -> CRIS:
+    """The same code on a tiny random-init CLIP (``ris_utils/model_configs/ris_clip_tiny.json``)."""
+    d = dict(fpn_out=(32, 64, 128), num_layers=1, num_heads=4, dim_ffn=128, dropout=0.0)
+    return _build(clip_model, None, d, word_len, eot_token_id, **kw)
+
+
+MODEL_REGISTRY = {"cris_rn50": build_cris_rn50, "cris_rn101": build_cris_rn101, "cris_tiny": build_cris_tiny}
+
+
+def build_model(name: str, word_len: int = 17, eot_token_id: int = 49407, **kw) -> CRIS:
+    """Build a registered RIS model; ``kw`` = head overrides (fpn_out, num_layers, ...) and ``pretrained``."""
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown RIS model {name!r}; registered: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name](word_len=word_len, eot_token_id=eot_token_id, **kw)
