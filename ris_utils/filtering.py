@@ -339,7 +339,12 @@ def apply_threads(cfg: dict) -> None:
 
 
 def make_scorer(cfg: dict, device=None) -> ClipScorer:
+    """:class:`ClipScorer` of the profile's ``filter`` settings (seeded first: random-init models are
+    reproducible)."""
+    from ris_utils.models import seed_everything
+
     apply_threads(cfg)
+    seed_everything(int(cfg.get("seed", 0)))
     model, tok, vs = build_clip(cfg, device)
     return ClipScorer(model, tok, vs["size"], vs["mean"], vs["std"], fill=cfg.get("fill", 0),
                       prompt=cfg.get("noun_prompt", DEFAULT_PROMPT), logit_scale=cfg.get("logit_scale"),

@@ -225,3 +225,25 @@ def test_build_clip_from_profile_style_config():
                     "device": "cpu"})
     with pytest.raises(ValueError, match="clip.model"):
         build_clip({"clip": {}})
+
+
+def test_cli_filter_with_a_profile_file(tmp_path):
+    import yaml
+
+    from ris_utils import engine
+    from ris_utils.__main__ import main
+
+    cdir, _ = _scene(tmp_path, 1)
+    prof = {"shared": {"seed": 0, "device": "cpu", "data_root": str(tmp_path), "work_dir": str(tmp_path / "w")},
+            "filter": {"clip": {"model": "rn50_tiny", "pretrained": None, "tokenizer": "open_clip"},
+                       "fallback": "keep_random", "head_noun": {"backend": "rules"}, "threads": 1}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prof))
+    args = ["filter", "--candidates", str(cdir), "--profile", str(tmp_path / "p.yaml")]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0  # seeded random init: same records
+    assert (tmp_path / "a" / "records.jsonl").read_text() == (tmp_path / "b" / "records.jsonl").read_text()
+    rec = next(engine.read_records(tmp_path / "a"))
+    assert all(m["survivors"] for m in rec["masks"])  # keep_random: every mask keeps >= 1 candidate
+    with pytest.raises(SystemExit):
+        main(["filter", "--candidates", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
+              "--profile", str(tmp_path / "p.yaml")])
