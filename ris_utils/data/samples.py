@@ -188,12 +188,50 @@ def build_samples(max_side: int = 320, photos: list[str] | None = None):
     return out_photos, refs, images, anns
 
 
+def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path:
+    """Save a seeded random-init open_clip ``model`` (one of our ``model_configs``) as a checkpoint file.
+
+    paper-tiny loads it with ``pretrained: <this file>``, i.e. through open_clip's own ``pretrained=``
+    mechanism for local checkpoints -- the path the paper profile takes for the authors' CC3M CoCa. (A CoCa
+    built with ``pretrained=None`` is not usable as is: open_clip 3.3.0 leaves ``text_decoder.text_projection``
+    uninitialised (``torch.empty``); it gets its intended normal init here, so the file is deterministic.)
+    Writes ``{"state_dict": ...}`` and a ``.json`` card (model, seed) beside it; returns the path.
+    """
+    import json
+
+    import open_clip
+    import torch
+
+    from ..models import register_open_clip_configs
+
+    register_open_clip_configs()
+    path = Path(path)
+    card = {"model": model, "seed": int(seed), "kind": "random init (paper-tiny)", "open_clip": open_clip.__version__}
+    card_file = path.with_suffix(".json")
+    if path.is_file() and card_file.is_file() and json.loads(card_file.read_text()) == card:
+        return path
+    torch.manual_seed(int(seed))
+    net = open_clip.create_model(model, pretrained=None, device="cpu")
+    if hasattr(net, "text_decoder"):
+        from ..captioning.tiny import init_uninitialised
+
+        init_uninitialised(net)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": net.state_dict()}, tmp)
+    tmp.replace(path)
+    card_file.write_text(json.dumps(card, indent=2))
+    return path
+
+
 def prepare(cfg: dict) -> dict:
     """``data.world: samples`` (the paper-tiny profile): write the photos and the REFER dataset(s).
 
     Keys read from ``cfg``: ``data_root``; ``datasets`` (list of ``{name, split_by}``; the same refs are
     written under each, default ``[{name: refcoco+, split_by: unc}]``); ``photos`` (names, default all of
-    :data:`SPLITS`); ``max_side`` (default 320); ``pseudo_split`` (as for the paper profile).
+    :data:`SPLITS`); ``max_side`` (default 320); ``pseudo_split`` (as for the paper profile);
+    ``random_checkpoints`` (list of ``{model, path, seed}``, path relative to ``data_root``: see
+    :func:`write_random_checkpoint`).
     Returns the same statistics as :func:`ris_utils.download.refer_statistics` plus ``data.world``.
     """
     from PIL import Image
@@ -210,6 +248,8 @@ def prepare(cfg: dict) -> dict:
         Image.fromarray(img).save(img_dir / file_name, quality=95)
     for d in datasets:
         write_refer(root, d["name"], d["split_by"], refs, images, anns, CATEGORIES)
+    for spec in cfg.get("random_checkpoints") or []:
+        write_random_checkpoint(spec["model"], root / spec["path"], int(spec.get("seed", 0)))
     logger.info("paper-tiny samples: %d photos, %d refs under %s", len(photos), len(refs), root)
     stats = refer_statistics(root, datasets, cfg.get("pseudo_split"))
     stats["data.world"] = "samples"
