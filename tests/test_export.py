@@ -7,7 +7,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from ris_utils.data import refer
-from ris_utils.export import export_dataset, mix_datasets, round_half_up, sample_images
+from ris_utils.export import build_trainsets, export_dataset, mix_datasets, round_half_up, sample_images
 
 
 def _masks(i):
@@ -181,3 +181,36 @@ def test_cli_export_and_mix(tmp_path, capsys):
     assert card["counts"]["human_images"] == 9
     with pytest.raises(SystemExit):
         main(["export", "--candidates", str(tmp_path / "nothing"), "--out", str(tmp_path / "z")])
+
+
+def test_build_trainsets_filters_and_exports(tmp_path):
+    """The notebook's train-split exports: unfiltered candidates vs filtered survivors (tiny RN50 CLIP)."""
+    from ris_utils import engine
+
+    cdir, recs = _filter_records(tmp_path)
+    work = tmp_path / "work"
+    for mode in ("naive", "distinctive"):
+        d = work / "captions" / mode / "train"
+        d.mkdir(parents=True)
+        plain = []
+        for r in recs:
+            masks = [{k: m[k] for k in ("mask_index", "segmentation", "bbox")} | {"candidates": [
+                {k: c[k] for k in ("text", "view", "setting", "mode")} for c in m["candidates"]]}
+                for m in r.get("masks") or []]
+            plain.append({**r, "masks": masks} if r["status"] == "ok" else r)
+        (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
+    fcfg = {"seed": 0, "work_dir": str(work), "images": str(tmp_path / "images"), "threads": 1,
+            "clip": {"model": "rn50_tiny", "pretrained": None, "tokenizer": "open_clip"}, "fallback": "drop",
+            "head_noun": {"backend": "rules"}}
+    ecfg = {"work_dir": str(work), "trainsets": {"naive": {"mode": "naive", "filtered": False},
+                                                 "pseudo_ris": {"mode": "distinctive", "filtered": True}}}
+    cards = build_trainsets(fcfg, ecfg, progress=False)
+    assert set(cards) == {"naive", "pseudo_ris"}
+    naive = refer.load_refer(work / "export" / "naive", "refcoco+", "pseudo")
+    assert len(naive.refs) == 12 and cards["naive"]["counts"]["expressions"] == 36
+    filtered = list(engine.read_records(work / "filter" / "distinctive" / "train"))
+    kept = sum(bool(m["survivors"]) for r in filtered if r["status"] == "ok" for m in r["masks"])
+    pseudo = refer.load_refer(work / "export" / "pseudo_ris", "refcoco+", "pseudo")
+    assert len(pseudo.refs) == kept == cards["pseudo_ris"]["counts"]["masks_exported"]
+    n_sent = sum(len(m["survivors"]) for r in filtered if r["status"] == "ok" for m in r["masks"])
+    assert sum(len(r["sentences"]) for r in pseudo.refs) == n_sent
