@@ -76,7 +76,8 @@ def step_settings(cfg: dict, mode: str) -> dict:
 # ------------------------------------------------------------------------------------------ items
 
 
-def _image_path(rec: dict, cfg: dict) -> str:
+def image_path(rec: dict, cfg: dict) -> str:
+    """The image file of a record: its ``path``, else ``<images or data_root/images>/<file_name>``."""
     if rec.get("path"):
         return rec["path"]
     root = Path(cfg.get("images") or Path(cfg.get("data_root", ".")) / "images")
@@ -94,7 +95,7 @@ def items_from_masks(masks_dir, cfg: dict, max_images: int | None = None) -> lis
             raise ValueError(f"{Path(masks_dir) / 'records.jsonl'}: record of image {rec.get('image_id')} has "
                              "no 'proposals' (is this a masks-step output?)")
         items.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"),
-                      "path": _image_path(rec, cfg), "height": rec.get("height"), "width": rec.get("width"),
+                      "path": image_path(rec, cfg), "height": rec.get("height"), "width": rec.get("width"),
                       "masks": [{"mask_index": i, "segmentation": p["segmentation"], "bbox": p.get("bbox")}
                                 for i, p in enumerate(props)]})
         if max_images and len(items) >= max_images:
@@ -289,6 +290,55 @@ def text_statistics(records) -> dict:
             "unique_share": float(np.mean(uniq)) if uniq else float("nan"), "n_candidates": len(lengths)}
 
 
+# ------------------------------------------------------------------------------------------ gallery
+
+
+def show_masks(ax, image: np.ndarray, record: dict, title: str = "") -> None:
+    """Draw an image with every mask of a captions record outlined and labelled by its mask_index."""
+    from ris_utils.data import refer
+
+    ax.imshow(image)
+    colors = __import__("matplotlib").colormaps["tab10"]
+    for k, m in enumerate(record["masks"]):
+        mask = refer.decode_segmentation(m["segmentation"], record["height"], record["width"])
+        if not mask.any():
+            continue
+        ax.contour(mask, levels=[0.5], colors=[colors(k % 10)], linewidths=1.5)
+        x, y, _, _ = m["bbox"]
+        ax.text(x, y, str(m["mask_index"]), color="white", fontsize=8, va="bottom",
+                bbox={"facecolor": colors(k % 10), "pad": 1, "edgecolor": "none"})
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def gallery_table(records_by_mode: dict, image_id, scenes: dict | None = None, view: int = 0,
+                  settings=("beam", "top_k=5", "top_k=13", "top_p=0.4", "top_p=0.8")):
+    """A table (pandas DataFrame) of one image's candidates per mask and mode, for one view and a few
+    settings; with ``scenes`` (shapes world) a ``distinct`` column (referee == the mask's object)."""
+    import pandas as pd
+
+    rows = []
+    for mode, recs in records_by_mode.items():
+        rec = next((r for r in recs if r["image_id"] == image_id), None)
+        if rec is None:
+            continue
+        table = candidate_table([rec], scenes) if scenes is not None else None
+        i = 0
+        for m in rec["masks"]:
+            for c in m["candidates"]:
+                row = table[i] if table is not None else None
+                i += 1
+                if c["view"] != view or c["setting"] not in settings:
+                    continue
+                rows.append({"mask": m["mask_index"], "mode": mode, "setting": c["setting"], "text": c["text"],
+                             **({"distinct": "✓" if row["distinct"] else "✗"} if row is not None else {})})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.pivot_table(index=["mask", "setting"], columns="mode",
+                          values=["text"] + (["distinct"] if scenes is not None else []), aggfunc="first")
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -323,6 +373,7 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt",
+__all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt", "image_path",
+           "show_masks", "gallery_table",
            "caption_image", "run_captions", "output_dir", "candidate_table", "distinct_rate",
            "text_statistics", "cli", "MODES"]
