@@ -37,6 +37,7 @@ the fallback), ``"fallback"`` (``None`` or the rule applied) and ``"dropped"`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -329,13 +330,21 @@ def build_clip(cfg: dict, device=None):
     return model, tokenizer, model_view_settings(model)
 
 
-def apply_threads(cfg: dict) -> None:
-    """``torch.set_num_threads(cfg["threads"])`` when set: on a shared 2-core CPU one thread scores ~8x faster
-    than two (measured: 0.08 vs 0.68 s per shapes image under load). ``None`` leaves torch's default."""
-    if cfg.get("threads"):
-        import torch
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``torch.set_num_threads(n)`` inside the block (restored after); ``None`` leaves torch's default.
 
-        torch.set_num_threads(int(cfg["threads"]))
+    On a shared 2-core CPU one thread scores ~8x faster than two (measured: 0.08 vs 0.68 s per shapes image
+    under load)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def make_scorer(cfg: dict, device=None) -> ClipScorer:
@@ -343,7 +352,6 @@ def make_scorer(cfg: dict, device=None) -> ClipScorer:
     reproducible)."""
     from ris_utils.models import seed_everything
 
-    apply_threads(cfg)
     seed_everything(int(cfg.get("seed", 0)))
     model, tok, vs = build_clip(cfg, device)
     return ClipScorer(model, tok, vs["size"], vs["mean"], vs["std"], fill=cfg.get("fill", 0),
@@ -437,7 +445,6 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
         raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
     if nonpositive not in NONPOSITIVE:
         raise ValueError(f"filter.nonpositive must be one of {NONPOSITIVE}, got {nonpositive!r}")
-    apply_threads(cfg)
     scorer = scorer or make_scorer(cfg)
     extractor = _extractor(cfg)
     images_dir = images_dir_of(cfg)
@@ -454,8 +461,9 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     settings = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
                                         "head_noun")}
     settings["candidates"] = str(candidates_dir)
-    return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
-                      progress=progress)
+    with torch_threads(cfg.get("threads")):
+        return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
+                          progress=progress)
 
 
 # --------------------------------------------------------------------------- analysis (notebook 03)

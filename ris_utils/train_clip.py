@@ -117,22 +117,28 @@ def train_clip(cfg: dict, out=None, progress: bool = True) -> dict:
     Returns the card (also written to ``<out>.json``); the weights go to ``out`` (default
     ``cfg["clip"]["checkpoint"]``).
     """
-    import open_clip
-    import torch
-
-    from ris_utils.captioning.tokenizer import shapes_tokenizer
-    from ris_utils.crops import model_view_settings
-    from ris_utils.data import shapes
-    from ris_utils.models import register_open_clip_configs, seed_everything
+    from ris_utils.filtering import torch_threads
+    from ris_utils.models import register_open_clip_configs
 
     ccfg = dict(cfg.get("clip") or {})
     name = ccfg.get("model", "clip_shapes")
     tr = {**DEFAULT_TRAIN, **(ccfg.get("train") or {})}
     out = Path(out or ccfg.get("checkpoint") or "clip_shapes.pt")
     register_open_clip_configs()
-    if tr.get("threads"):
-        # one thread: ~10x faster than 2 threads on a shared 2-core machine (measured), and deterministic
-        torch.set_num_threads(int(tr["threads"]))
+    # one thread: ~10x faster than 2 threads on a shared 2-core machine (measured)
+    with torch_threads(tr.get("threads")):
+        return _train(cfg, ccfg, name, tr, out, progress)
+
+
+def _train(cfg, ccfg, name, tr, out, progress):
+    import open_clip
+    import torch
+
+    from ris_utils.captioning.tokenizer import shapes_tokenizer
+    from ris_utils.crops import model_view_settings
+    from ris_utils.data import shapes
+    from ris_utils.models import seed_everything
+
     seed_everything(int(tr["seed"]))
     model = open_clip.create_model(name, pretrained=None, device="cpu")
     ctx = model.context_length
@@ -174,7 +180,7 @@ def train_clip(cfg: dict, out=None, progress: bool = True) -> dict:
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))
         if progress and (step % 50 == 0 or step == steps - 1):
-            logger.info("train_clip step %d/%d loss %.3f", step, steps, float(loss))
+            logger.info("train_clip step %d/%d loss %.3f", step, steps, losses[-1])
     t_train = time.perf_counter() - t1
     metrics = evaluate(model, tok, *val, prompt=prompt)
     state = {"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "model": name,
@@ -189,7 +195,7 @@ def train_clip(cfg: dict, out=None, progress: bool = True) -> dict:
         "tokenizer": "ris_utils.captioning.tokenizer.shapes_tokenizer", "train": tr, "noun_prompt": prompt,
         "train_objects": len(objs), "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "final_loss": round(float(np.mean(losses[-20:])), 4), "val": metrics,
-        "logit_scale": round(float(model.logit_scale.exp()), 3),
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "data": "in-memory shapes world (shapes.make_scene) of train.world_seed, NOT the evaluation world",
         "note": "Not the paper's model: a tiny CLIP for the shapes world (paper: OpenAI CLIP RN50).",

@@ -247,3 +247,22 @@ def test_cli_filter_with_a_profile_file(tmp_path):
     with pytest.raises(SystemExit):
         main(["filter", "--candidates", str(tmp_path / "none"), "--out", str(tmp_path / "c"),
               "--profile", str(tmp_path / "p.yaml")])
+
+
+def test_train_clip_short_run_writes_a_loadable_checkpoint(tmp_path):
+    """The shapes CLIP trainer (few steps): weights + card, loaded by build_clip (train_if_missing path)."""
+    import torch
+
+    from ris_utils.filtering import build_clip
+
+    ckpt = tmp_path / "clip_shapes.pt"
+    clip = {"model": "clip_shapes", "checkpoint": str(ckpt), "tokenizer": "shapes", "train_if_missing": True,
+            "train": {"steps": 3, "batch_size": 8, "n_images": 3, "val_images": 2, "warmup": 1, "threads": 1}}
+    model, tok, vs = build_clip({"clip": clip, "device": "cpu"})
+    card = json.loads(ckpt.with_suffix(".json").read_text())
+    assert card["bytes"] == ckpt.stat().st_size < 10_000_000 and card["train"]["steps"] == 3
+    assert 0 <= card["val"]["noun_accuracy"] <= 1 and card["parameters"] > 0
+    assert type(model.visual).__name__ == "ModifiedResNet" and vs["size"] == 32
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(v.half().float(), model.state_dict()[k].float()) for k, v in state.items())
+    assert tok(["a photo of a circle"]).shape == (1, model.context_length)
