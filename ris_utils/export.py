@@ -265,9 +265,10 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
     Each entry ``{name: {mode, filtered}}``: ``filtered: false`` exports every candidate of
     ``<work_dir>/captions/<mode>/<split>``; ``filtered: true`` filters it first
     (``<work_dir>/filter/<mode>/<split>``, :func:`ris_utils.filtering.filter_split`) and exports the
-    survivors. Returns ``{name: dataset card}``.
+    survivors. With ``captions_cfg`` (``step_config(profile, "captions")``) missing captions are generated
+    first. Returns ``{name: dataset card}``.
     """
-    from ris_utils.filtering import filter_split, images_dir_of, step_dirs
+    from ris_utils.filtering import ensure_captions, filter_split, images_dir_of, step_dirs
 
     sets = export_cfg.get("trainsets") or {}
     if not sets:
@@ -280,7 +281,9 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
         if filtered:
             src = filter_split(filter_cfg, captions_cfg or {"seed": 0}, mode, split, scorer=scorer, progress=progress)
         else:
-            src = cdir
+            src = cdir if captions_cfg is None else ensure_captions(captions_cfg, cdir, mode, split,
+                                                                    int(captions_cfg.get("seed", 0)),
+                                                                    progress=progress)
         cards[name] = export_dataset(src, work / "export" / name, dataset=export_cfg.get("dataset", DEFAULT_DATASET),
                                      split_by=export_cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=not filtered,
                                      images_dir=images_dir_of(filter_cfg), images=export_cfg.get("image_mode", "link"),

@@ -150,6 +150,20 @@ def step_dirs(work_dir, mode: str, split: str, seed: int, base_seed: int = 0) ->
     return w / f"captions_seed{seed}" / mode / split, w / f"filter_seed{seed}" / mode / split
 
 
+def ensure_captions(captions_cfg: dict, cdir, mode: str, split: str, seed: int, captioner=None,
+                    progress: bool = True) -> Path:
+    """Run the captions step into ``cdir`` (with ``seed``) unless its ``records.jsonl`` exists."""
+    from ris_utils import engine
+
+    cdir = Path(cdir)
+    if not (cdir / engine.RECORDS).is_file():
+        from ris_utils.captioning.step import run_captions
+
+        logger.info("filter: no captions under %s, running the captions step (seed %d)", cdir, seed)
+        run_captions({**captions_cfg, "seed": int(seed)}, split, mode, captioner, out_dir=cdir, progress=progress)
+    return cdir
+
+
 def filter_split(cfg: dict, captions_cfg: dict, mode: str, split: str, seed: int | None = None,
                  scorer: ClipScorer | None = None, captioner=None, progress: bool = True) -> Path:
     """Filter one mode / split / caption seed (captioning it first when its records are missing).
@@ -158,16 +172,10 @@ def filter_split(cfg: dict, captions_cfg: dict, mode: str, split: str, seed: int
     ``profiles.step_config(profile, "captions")``; for a seed other than the profile's the captions step
     is run with that seed (the captioner is loaded once, or passed in).
     """
-    from ris_utils import engine
-
     base = int(captions_cfg.get("seed", 0))
     seed = base if seed is None else int(seed)
     cdir, fdir = step_dirs(cfg["work_dir"], mode, split, seed, base)
-    if not (cdir / engine.RECORDS).is_file():
-        from ris_utils.captioning.step import run_captions
-
-        logger.info("filter: no captions under %s, running the captions step (seed %d)", cdir, seed)
-        run_captions({**captions_cfg, "seed": seed}, split, mode, captioner, out_dir=cdir, progress=progress)
+    ensure_captions(captions_cfg, cdir, mode, split, seed, captioner, progress)
     run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress)
     return fdir
 
@@ -559,5 +567,5 @@ def cli_filter(argv: list[str] | None = None) -> int:
 cli = cli_filter
 
 __all__ = ["degree_of_distinctiveness", "select_survivors", "apply_fallback", "ClipScorer", "build_clip",
-           "make_scorer", "filter_record", "run_filter", "filter_split", "step_dirs", "distinct_rates", "candidate_frame", "sampling_kind",
+           "make_scorer", "filter_record", "run_filter", "filter_split", "ensure_captions", "step_dirs", "distinct_rates", "candidate_frame", "sampling_kind",
            "cli_filter"]
