@@ -395,28 +395,40 @@ def cli_export(argv: list[str] | None = None) -> int:
 
 
 def cli_mix(argv: list[str] | None = None) -> int:
-    """``python -m ris_utils mix --pseudo DIR --human REFER_DIR --fraction 0.1 --seed S --out DIR``."""
+    """``python -m ris_utils mix --pseudo DIR --human REFER_DIR --fraction 0.1 --seed S --out DIR``.
+
+    Defaults of ``--human-dataset`` / ``--human-split-by`` / ``--fraction`` / ``--seed`` come from the profile's
+    ``export.mix`` section (shapes: ``shapes+`` / ``shapes``; paper: ``refcoco+`` / ``unc``).
+    """
+    from ris_utils.profiles import step_config
+
     ap = argparse.ArgumentParser(prog="python -m ris_utils mix", description="semi-supervised mix (human + pseudo)")
     ap.add_argument("--pseudo", required=True, help="an export folder (holds dataset_card.json)")
     ap.add_argument("--human", required=True, help="REFER data root of the human annotations")
-    ap.add_argument("--human-dataset", default="refcoco+", help="dataset under --human (default refcoco+)")
-    ap.add_argument("--human-split-by", default="unc", help="split_by of the human refs (default unc)")
-    ap.add_argument("--fraction", type=float, required=True, help="share of the human train images, 0..1")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", default="shapes", help="profile whose export.mix gives the defaults")
+    ap.add_argument("--human-dataset", default=None, help="dataset under --human (default: export.mix.human_dataset)")
+    ap.add_argument("--human-split-by", default=None, help="split_by of the human refs (default: export.mix)")
+    ap.add_argument("--fraction", type=float, default=None, help="share of the human train images, 0..1")
+    ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--dataset", default=DEFAULT_DATASET, help="dataset name of the output")
+    ap.add_argument("--dataset", default=None, help="dataset name of the output (default: export.dataset)")
     ap.add_argument("--split-by", default="mix", help="split_by of the output (default mix)")
     ap.add_argument("--image-mode", default="link", choices=IMAGE_MODES)
     args = ap.parse_args(argv)
-    if not 0.0 <= args.fraction <= 1.0:
-        ap.error(f"--fraction must be in [0, 1], got {args.fraction}")
+    cfg = step_config(args.profile, "export")
+    mcfg = dict(cfg.get("mix") or {})
+    fraction = args.fraction if args.fraction is not None else mcfg.get("fraction")
+    if fraction is None or not 0.0 <= float(fraction) <= 1.0:
+        ap.error(f"--fraction must be in [0, 1] (or set export.mix.fraction), got {fraction}")
+    seed = args.seed if args.seed is not None else int(mcfg.get("seed", 0))
     card_p = Path(args.pseudo) / "dataset_card.json"
     if not card_p.is_file():
         ap.error(f"--pseudo {args.pseudo}: no dataset_card.json there (run `python -m ris_utils export` first)")
     pseudo = load_export(args.pseudo)
-    human = refer.load_refer(args.human, args.human_dataset, args.human_split_by)
-    card = mix_datasets(pseudo, human, args.fraction, args.seed, args.out, args.dataset, args.split_by,
-                        args.image_mode)
+    human = refer.load_refer(args.human, args.human_dataset or mcfg.get("human_dataset", "refcoco+"),
+                             args.human_split_by or mcfg.get("human_split_by", "unc"))
+    card = mix_datasets(pseudo, human, float(fraction), seed, args.out,
+                        args.dataset or cfg.get("dataset", DEFAULT_DATASET), args.split_by, args.image_mode)
     print(json.dumps(card["counts"], indent=2))
     return 0
 

@@ -176,7 +176,8 @@ def test_cli_export_and_mix(tmp_path, capsys):
     assert refer.load_refer(tmp_path / "e", "refcoco+", "pseudo").refs
     _human(tmp_path)
     assert main(["mix", "--pseudo", str(tmp_path / "e"), "--human", str(tmp_path / "human"), "--fraction", "0.5",
-                 "--seed", "1", "--out", str(tmp_path / "m"), "--image-mode", "none"]) == 0
+                 "--seed", "1", "--out", str(tmp_path / "m"), "--image-mode", "none",
+                 "--human-dataset", "refcoco+", "--human-split-by", "unc"]) == 0
     card = json.loads((tmp_path / "m" / "dataset_card.json").read_text())
     assert card["counts"]["human_images"] == 9
     with pytest.raises(SystemExit):
