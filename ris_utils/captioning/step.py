@@ -313,8 +313,9 @@ def show_masks(ax, image: np.ndarray, record: dict, title: str = "") -> None:
 
 def gallery_table(records_by_mode: dict, image_id, scenes: dict | None = None, view: int = 0,
                   settings=("beam", "top_k=5", "top_k=13", "top_p=0.4", "top_p=0.8")):
-    """A table (pandas DataFrame) of one image's candidates per mask and mode, for one view and a few
-    settings; with ``scenes`` (shapes world) a ``distinct`` column (referee == the mask's object)."""
+    """A table (pandas DataFrame) of one image's candidates: rows (mask, setting), one column per mode, for
+    one view and a few settings; with ``scenes`` (shapes world) each text ends with ✓ when distinct
+    (referee == the mask's object) and ✗ otherwise."""
     import pandas as pd
 
     rows = []
@@ -330,13 +331,16 @@ def gallery_table(records_by_mode: dict, image_id, scenes: dict | None = None, v
                 i += 1
                 if c["view"] != view or c["setting"] not in settings:
                     continue
-                rows.append({"mask": m["mask_index"], "mode": mode, "setting": c["setting"], "text": c["text"],
-                             **({"distinct": "✓" if row["distinct"] else "✗"} if row is not None else {})})
+                mark = "" if row is None else (" ✓" if row["distinct"] else " ✗")
+                rows.append({"mask": m["mask_index"], "mode": mode, "setting": c["setting"],
+                             "text": c["text"] + mark})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.pivot_table(index=["mask", "setting"], columns="mode",
-                          values=["text"] + (["distinct"] if scenes is not None else []), aggfunc="first")
+    order = {s: k for k, s in enumerate(settings)}
+    out = df.pivot_table(index=["mask", "setting"], columns="mode", values="text", aggfunc="first")
+    out = out[[m for m in records_by_mode if m in out.columns]]
+    return out.sort_index(key=lambda ix: ix.map(order) if ix.name == "setting" else ix)
 
 
 # ------------------------------------------------------------------------------------------ CLI
