@@ -150,7 +150,10 @@ def make_views(
       masks: NxHxW bool array (or a list of HxW masks).
       views: view kinds, e.g. the paper's ``("masked", 1.0, 1.1, 1.2)`` or ``("masked",)`` / ``(1.2,)``.
       size: the model's input side S (``open_clip.get_model_preprocess_cfg(model)["size"]``).
-      fill: grey value, RGB triple (0..255) or ``"mean"`` (the model's mean colour).
+      fill: the pixel value (before normalisation) of the pixels outside the mask (view 0) and of the
+        square padding: a grey value, an RGB triple (0..255), or ``"mean"`` = the model's normalisation
+        mean x 255, i.e. 0 after normalisation (what the authors' code feeds the captioner). ``0`` is
+        black, NOT 0 after normalisation.
       mean, std: the model's normalisation (``preprocess_cfg["mean"/"std"]``).
     Returns:
       float32 tensor (N, V, 3, S, S) = ``(resize(crop) / 255 - mean) / std``.
