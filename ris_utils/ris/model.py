@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -341,6 +342,8 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f"open_clip has no model config {name!r}")
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin"))):
+        return _clip_from_file(name, pretrained)
     kwargs = {}
     if pretrained is None:
         vision_cfg, text_cfg = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
@@ -352,6 +355,28 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
             text_cfg["context_length"] = int(context_length)
         kwargs = {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
     return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
+
+
+def _clip_from_file(name: str, path: str):
+    """open_clip model ``name`` with the weights of a state-dict file (``{"state_dict": ...}`` or a bare
+    state dict; fp16 weights are loaded as fp32), e.g. the shapes CLIP ``ris_utils/assets/clip_shapes.pt``."""
+    import open_clip
+
+    from ris_utils.profiles import project_root
+
+    p = Path(path)
+    if not p.is_absolute() and not p.is_file():
+        p = project_root() / p
+    if not p.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint {path} not found (ris.pretrained)")
+    model = open_clip.create_model(name, pretrained=None, device="cpu")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    sd = {k: v.float() for k, v in state.get("state_dict", state).items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise RuntimeError(f"{p} does not match the open_clip config {name!r}: {e}") from e
+    return model
 
 
 def _build(clip_name: str, default_pretrained: str | None, defaults: dict, word_len: int, eot_token_id: int,
@@ -382,7 +407,16 @@ def build_cris_tiny(word_len=17, eot_token_id=49407, clip_model: str = "ris_clip
     return _build(clip_model, None, d, word_len, eot_token_id, **kw)
 
 
-MODEL_REGISTRY = {"cris_rn50": build_cris_rn50, "cris_rn101": build_cris_rn101, "cris_tiny": build_cris_tiny}
+def build_cris_clip_shapes(word_len=16, eot_token_id=3, **kw) -> CRIS:
+    """The tiny head on the shapes CLIP (``clip_shapes``: ModifiedResNet width 16, embed 64, text width 64;
+    weights ``ris_utils/assets/clip_shapes.pt`` trained by step 3 on another shapes world) -- the shapes
+    analogue of CRIS's init from a pretrained CLIP. Its text context is 16 tokens."""
+    d = dict(fpn_out=(32, 64, 128), num_layers=1, num_heads=4, dim_ffn=128, dropout=0.0)
+    return _build("clip_shapes", "ris_utils/assets/clip_shapes.pt", d, word_len, eot_token_id, **kw)
+
+
+MODEL_REGISTRY = {"cris_rn50": build_cris_rn50, "cris_rn101": build_cris_rn101, "cris_tiny": build_cris_tiny,
+                  "cris_clip_shapes": build_cris_clip_shapes}
 
 
 def build_model(name: str, word_len: int = 17, eot_token_id: int = 49407, **kw) -> CRIS:

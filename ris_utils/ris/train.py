@@ -167,6 +167,7 @@ def make_model(cfg: dict, tok) -> nn.Module:
     pretrained = cfg.get("pretrained", "default")
     kw = dict(cfg.get("model_args") or {})
     if pretrained in (None, "none") or (pretrained == "default" and cfg["model"] == "cris_tiny"):
+        # random init: the CLIP is built at the letterbox size with the tokenizer's vocabulary
         kw.update(image_size=cfg["input_size"], vocab_size=tok.vocab_size)
     return build_model(cfg["model"], word_len=cfg["word_len"], eot_token_id=tok.eot_token_id,
                        pretrained=None if pretrained == "none" else pretrained, **kw)

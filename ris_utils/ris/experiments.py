@@ -1,0 +1,216 @@
+"""The grid of notebook 04: training sets x expression styles x seeds, trained and evaluated.
+
+Training sets (rows of the paper's ablation and semi-supervised tables):
+
+- ``naive``, ``distinctive``, ``pseudo_ris``: step 3's exports ``<work_dir>/export/<name>`` (REFER, split
+  train). Pseudo supervision knows no expression style, so each is trained ONCE per seed and evaluated on
+  every style.
+- ``gt``: the human (ground-truth) refs of a style's train split (fully supervised).
+- ``gt10``: the human refs of ``fraction`` (10 %) of the train images, drawn by
+  :func:`ris_utils.export.sample_images` with the profile's ``export.mix`` seed -- the same images the mix uses.
+- ``gt10+pseudo``: :func:`ris_utils.export.mix_datasets` of ``pseudo_ris`` and the style's human refs.
+
+The last three are trained per style. Each job writes ``<out>/last.pt`` (training), and per evaluated split
+``<out>/eval/<style>.<split>.json`` with the scores and ``trainset``, ``style``, ``seed``. Jobs run in a
+process pool (``workers``, one torch thread each: on a shared CPU this beats one process with several
+threads); a job whose evaluation files exist for the same settings is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PSEUDO_TRAINSETS = ("naive", "distinctive", "pseudo_ris")
+GT_TRAINSETS = ("gt", "gt10", "gt10+pseudo")
+ALL_TRAINSETS = PSEUDO_TRAINSETS + GT_TRAINSETS
+
+
+@dataclass
+class Job:
+    """One training run and its evaluations."""
+
+    trainset: str
+    style: str | None          # None: style-free pseudo supervision, evaluated on every style
+    seed: int
+    train_path: str
+    train_dataset: str | None
+    split_by: str | None
+    out: str
+    evals: list = field(default_factory=list)   # [{"style", "dataset", "split_by", "splits"}]
+    val: dict | None = None                      # {"path", "dataset", "split_by"} for the per-epoch curve
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainset}/{self.style or 'any'}/seed{self.seed}"
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
+    """Write the human refs of ``fraction`` of the train images of ``style`` as a REFER set; returns its root."""
+    from ris_utils.data import refer
+    from ris_utils.export import sample_images
+
+    human = refer.load_refer(data_root, style, split_by)
+    train = refer.select_split(human.refs, "train")
+    chosen = set(sample_images([r["image_id"] for r in train], fraction, seed))
+    refs = [r for r in train if r["image_id"] in chosen]
+    imgs = [human.imgs[i] for i in sorted(chosen)]
+    ann_ids = {r["ann_id"] for r in refs}
+    anns = [a for a in human.anns.values() if a["id"] in ann_ids]
+    cats = [{"id": k, "name": v} for k, v in human.cats.items()]
+    refer.write_refer(out_root, style, split_by, refs, imgs, anns, cats)
+    return Path(out_root)
+
+
+def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
+    """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root)."""
+    from ris_utils.data import refer
+    from ris_utils.export import mix_datasets
+    from ris_utils.ris.dataset import open_refer
+
+    mix_datasets(open_refer(pseudo_dir), refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
+                 dataset=style, split_by="mix", images="none")
+    return Path(out_root)
+
+
+def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
+    """The jobs of the grid from the ``ris`` settings (``experiments`` block) and the export layout.
+
+    Missing pseudo exports are skipped with a warning (rows stay empty in the tables).
+    """
+    ex = cfg.get("experiments") or {}
+    trainsets = list(trainsets or ex.get("trainsets") or ALL_TRAINSETS)
+    seeds = [int(s) for s in (seeds or ex.get("seeds") or [0, 1])]
+    eval_sets = ex.get("eval_sets") or []
+    styles = list(styles or ex.get("styles") or [e["style"] for e in eval_sets])
+    data_root = Path(cfg["data_root"])
+    work = Path(cfg["work_dir"])
+    export_dir = work / "export"
+    split_by = ex.get("split_by", "shapes")
+    mix = ex.get("mix") or {"fraction": 0.1, "seed": 0}
+    runs = work / "ris"
+    evals_by_style = {e["style"]: e for e in eval_sets}
+    val = ex.get("val")  # {"dataset", "split_by"} of data_root used for the per-epoch curve
+    val_spec = {"path": str(data_root), "dataset": val["dataset"], "split_by": val.get("split_by", split_by)} if val \
+        else None
+    jobs = []
+    for ts in trainsets:
+        if ts not in ALL_TRAINSETS:
+            raise ValueError(f"ris.experiments.trainsets: unknown training set {ts!r}; use {ALL_TRAINSETS}")
+        for seed in seeds:
+            if ts in PSEUDO_TRAINSETS:
+                path = export_dir / ts
+                if not path.is_dir():
+                    logger.warning("no export %s: run notebook 03 (step 3) first; row %s skipped", path, ts)
+                    continue
+                jobs.append(Job(ts, None, seed, str(path), None, None, str(runs / ts / "any" / f"seed{seed}"),
+                                [evals_by_style[s] for s in styles if s in evals_by_style], val_spec))
+                continue
+            for style in styles:
+                out = runs / ts / style / f"seed{seed}"
+                ev = [evals_by_style[style]] if style in evals_by_style else []
+                sval = {"path": str(data_root), "dataset": style, "split_by": split_by} if val else None
+                if ts == "gt":
+                    jobs.append(Job(ts, style, seed, str(data_root), style, split_by, str(out), ev, sval))
+                elif ts == "gt10":
+                    path = runs / "data" / f"gt10_{style}"
+                    jobs.append(Job(ts, style, seed, str(path), style, split_by, str(out), ev, sval))
+                else:
+                    if not (export_dir / "pseudo_ris").is_dir():
+                        logger.warning("no export %s: gt10+pseudo skipped", export_dir / "pseudo_ris")
+                        continue
+                    path = runs / "data" / f"mix_{style}"
+                    jobs.append(Job(ts, style, seed, str(path), style, "mix", str(out), ev, sval))
+    # derived training sets (written once, before the workers start)
+    for job in jobs:
+        if job.trainset == "gt10" and not (Path(job.train_path) / job.style).is_dir():
+            prepare_gt10(data_root, job.style, split_by, mix["fraction"], mix["seed"], job.train_path)
+        if job.trainset == "gt10+pseudo" and not (Path(job.train_path) / job.style).is_dir():
+            prepare_mix(export_dir / "pseudo_ris", data_root, job.style, split_by, mix["fraction"], mix["seed"],
+                        job.train_path)
+    return jobs
+
+
+def _train_settings(cfg: dict, seed: int) -> dict:
+    skip = {"experiments", "step"}
+    return {**{k: v for k, v in cfg.items() if k not in skip}, "seed": int(seed)}
+
+
+def run_job(job: Job | dict, cfg: dict) -> dict:
+    """Train (resuming) and evaluate one job; returns ``{"job", "seconds", "evals": [paths], "skipped"}``."""
+    import torch
+
+    from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
+    from ris_utils.ris.train import train
+
+    job = Job(**job) if isinstance(job, dict) else job
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    out = Path(job.out)
+    tcfg = _train_settings(cfg, job.seed)
+    key = _hash({"job": asdict(job), "cfg": tcfg})
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == key:
+        return {**json.loads(done.read_text()), "skipped": True}
+    keyfile = out / "key.txt"
+    if (out / "last.pt").is_file() and (not keyfile.is_file() or keyfile.read_text() != key):
+        (out / "last.pt").unlink()  # a checkpoint of other settings: start over (same settings: resume)
+    out.mkdir(parents=True, exist_ok=True)
+    keyfile.write_text(key)
+    t0 = time.time()
+    val = job.val
+    res = train(tcfg, job.train_path, out, val_path=val["path"] if val else None, train_dataset=job.train_dataset,
+                split_by=job.split_by, val_dataset=val["dataset"] if val else None, progress=False)
+    t_train = time.time() - t0
+    loaded = load_checkpoint(out / "last.pt")
+    paths = []
+    for ev in job.evals:
+        for split in ev["splits"]:
+            scores = evaluate_checkpoint(out / "last.pt", cfg["data_root"], split, ev["dataset"],
+                                         ev.get("split_by", "shapes"), loaded=loaded, device="cpu")
+            scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
+            p = out / "eval" / f"{ev['style']}.{split}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(scores, indent=1))
+            os.replace(tmp, p)
+            paths.append(str(p))
+    summary = {"key": key, "job": job.name, "train_seconds": round(t_train, 1),
+               "seconds": round(time.time() - t0, 1), "evals": paths, "history": res["history"]}
+    done.write_text(json.dumps(summary, indent=1))
+    return {**summary, "skipped": False}
+
+
+def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True) -> list[dict]:
+    """Run ``jobs`` (in a spawn process pool when ``workers`` > 1); results in the order of ``jobs``."""
+    from tqdm.auto import tqdm
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [run_job(j, cfg) for j in tqdm(jobs, desc="ris jobs", disable=not progress)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futs = [pool.submit(run_job, asdict(j), cfg) for j in jobs]
+        return [f.result() for f in tqdm(futs, desc="ris jobs", disable=not progress)]
+
+
+def collect(runs_dir) -> list[dict]:
+    """Every evaluation JSON under ``runs_dir`` (``<work_dir>/ris``) as a flat record."""
+    rows = []
+    for p in sorted(Path(runs_dir).glob("*/*/seed*/eval/*.json")):
+        d = json.loads(p.read_text())
+        rows.append({k: d.get(k) for k in ("trainset", "style", "split", "seed", "train_style", "mIoU", "oIoU",
+                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n")} | {"path": str(p)})
+    return rows

@@ -1,0 +1,117 @@
+"""The benchmark tables of notebook 05 from the evaluation JSONs of notebook 04 (and the paper's numbers).
+
+Table rows (the paper's ablation + semi-supervised rows): naive captions / + distinctive sampling /
++ filtering (Pseudo-RIS) / ground truth / 10 % ground truth / 10 % ground truth + pseudo. Columns: mIoU and
+oIoU per (style, split). Every cell is the mean over seeds, with the spread (population std over seeds)
+beside it; :func:`metric_keys` names them ``ris.<trainset>.<style>.<split>.<mIoU|oIoU>`` (+ ``_std``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+ROW_ORDER = ("naive", "distinctive", "pseudo_ris", "gt", "gt10", "gt10+pseudo")
+ROW_LABELS = {"naive": "naive captions", "distinctive": "+ distinctive sampling",
+              "pseudo_ris": "+ filtering (Pseudo-RIS)", "gt": "ground truth (fully supervised)",
+              "gt10": "10% ground truth", "gt10+pseudo": "10% ground truth + Pseudo-RIS"}
+
+
+def results_frame(rows: list[dict]):
+    """Flat evaluation records (``experiments.collect``) -> pandas DataFrame."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["trainset", "style", "split", "seed", "mIoU", "oIoU"])
+    # gt-type rows evaluate only their own style; pseudo rows every style
+    return df[(df["train_style"].isna()) | (df["train_style"] == df["style"])].reset_index(drop=True)
+
+
+def summary_frame(df):
+    """Mean, std (over seeds, ddof=0) and seed count per (trainset, style, split) for mIoU and oIoU."""
+    import pandas as pd
+
+    if df.empty:
+        return pd.DataFrame()
+    g = df.groupby(["trainset", "style", "split"])[["mIoU", "oIoU"]]
+    out = g.mean().join(g.std(ddof=0), rsuffix="_std").join(g.size().rename("n_seeds"))
+    return out.reset_index()
+
+
+def metric_keys(summary) -> dict:
+    """``{"ris.<trainset>.<style>.<split>.<metric>": mean, ..._std: std}`` for every cell of the table."""
+    out = {}
+    for r in summary.itertuples(index=False):
+        for m in ("mIoU", "oIoU"):
+            base = f"ris.{r.trainset}.{r.style}.{r.split}.{m}"
+            out[base] = float(getattr(r, m))
+            std = float(getattr(r, f"{m}_std"))
+            out[base + "_std"] = 0.0 if math.isnan(std) else std
+    return out
+
+
+def wide_table(summary, styles_splits: list[tuple[str, str]], with_std: bool = True):
+    """Rows = training sets (paper order), columns = (style, split, metric) with "mean ± std" strings."""
+    import pandas as pd
+
+    idx = [t for t in ROW_ORDER if t in set(summary["trainset"])] if not summary.empty else []
+    cols = pd.MultiIndex.from_tuples([(st, sp, m) for st, sp in styles_splits for m in ("mIoU", "oIoU")])
+    table = pd.DataFrame(index=[ROW_LABELS[t] for t in idx], columns=cols, dtype=object)
+    for t in idx:
+        for st, sp in styles_splits:
+            sel = summary[(summary.trainset == t) & (summary["style"] == st) & (summary["split"] == sp)]
+            for m in ("mIoU", "oIoU"):
+                if sel.empty:
+                    table.loc[ROW_LABELS[t], (st, sp, m)] = "—"
+                else:
+                    mu, sd = float(sel[m].iloc[0]), float(sel[f"{m}_std"].iloc[0])
+                    table.loc[ROW_LABELS[t], (st, sp, m)] = f"{mu:.1f} ± {sd:.1f}" if with_std else f"{mu:.1f}"
+    return table
+
+
+def load_paper_numbers(path) -> dict:
+    """``papermill_runs/paper_numbers.yaml`` as a dict (``rows`` keyed by row name, with ``source``)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} not found (the paper's published numbers with their source)")
+    return yaml.safe_load(p.read_text())
+
+
+def paper_comparison(measured: dict, paper: dict):
+    """Long table: (row, benchmark, split, metric) -> paper value, measured value, difference (measured - paper).
+
+    ``measured``: metric keys as :func:`metric_keys` gives (``ris.<trainset>.<dataset>.<split>.<metric>``);
+    ``paper['rows'][row]['values'][dataset][split] = {"mIoU": x | null, "oIoU": y | null}``.
+    """
+    import pandas as pd
+
+    recs = []
+    for row, spec in (paper.get("rows") or {}).items():
+        for dataset, splits in (spec.get("values") or {}).items():
+            for split, vals in (splits or {}).items():
+                for m in ("mIoU", "oIoU"):
+                    pv = (vals or {}).get(m)
+                    mv = measured.get(f"ris.{row}.{dataset}.{split}.{m}")
+                    recs.append({"row": row, "dataset": dataset, "split": split, "metric": m,
+                                 "paper": pv, "measured": mv,
+                                 "difference": (mv - pv) if (mv is not None and pv is not None) else None,
+                                 "source": spec.get("source")})
+    return pd.DataFrame(recs)
+
+
+def seed_spread_check(summary, a: str = "pseudo_ris", b: str = "naive", style: str = "shapes",
+                      split: str = "val") -> dict:
+    """Is ``a`` above ``b`` in mIoU by more than the seed spread? Spread = the larger of the two stds."""
+    def cell(t):
+        sel = summary[(summary.trainset == t) & (summary["style"] == style) & (summary["split"] == split)]
+        return (float(sel["mIoU"].iloc[0]), float(sel["mIoU_std"].iloc[0])) if not sel.empty else (np.nan, np.nan)
+
+    (ma, sa), (mb, sb) = cell(a), cell(b)
+    spread = max(sa, sb)
+    return {"a": a, "b": b, "mean_a": ma, "mean_b": mb, "diff": ma - mb, "spread": spread,
+            "holds": bool(ma - mb > spread) if not (np.isnan(ma) or np.isnan(mb)) else False}
