@@ -298,6 +298,11 @@ def test_beam_search_keeps_the_best_hypothesis_hand_checked():
     # with a single beam per group (num_beams 2, groups 2) the greedy path wins
     out = beam_search(dec, ids, torch.zeros(1, 1, 1), num_beams=2, num_beam_groups=2, seq_len=6, min_seq_len=0)
     assert out == [[1, 3, 2]]
+    # Hamming diversity (transformers' group beam search): group 1 may not repeat group 0's "a" for free
+    # (1.0 - 0.5 < 0.9), takes "b" and finds the better caption
+    out = beam_search(dec, ids, torch.zeros(1, 1, 1), num_beams=2, num_beam_groups=2, seq_len=6, min_seq_len=0,
+                      diversity_penalty=0.5)
+    assert out == [[1, 4, 4, 2]]
 
 
 # ---------------------------------------------------------------------------------------- processors
