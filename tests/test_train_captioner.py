@@ -23,6 +23,24 @@ def test_word_tokenizer_round_trip():
         WordTokenizer(["a"], context_length=2)
 
 
+def test_shapes_tokenizer_covers_generic_captions():
+    import numpy as np
+
+    from ris_utils.captioning.tokenizer import shapes_tokenizer
+    from ris_utils.data import shapes
+
+    tok = shapes_tokenizer(context_length=12)
+    assert tok.vocab_size == 4 + len(shapes.VOCABULARY)
+    rng = np.random.default_rng(0)
+    objs = [{"shape": s, "color": c, "size": z, "pattern": p} for s in shapes.SHAPES for c in shapes.COLORS
+            for z in shapes.SIZES for p in shapes.PATTERNS]
+    for o in objs[::7]:
+        text = shapes.generic_caption(o, rng)
+        ids = tok(text)[0]
+        assert tok.unk_token_id not in ids.tolist()
+        assert tok.decode(ids) == " ".join(text.lower().split())
+
+
 def _tiny_cfg(tmp_path, **train):
     settings = {"seed": 0, "world_seed": 5, "n_images": 12, "image_size": 128, "steps": 25, "batch_size": 24,
                 "lr": 3e-3, "warmup_steps": 5, "threads": 1}
