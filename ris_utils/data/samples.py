@@ -195,7 +195,7 @@ def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path
     mechanism for local checkpoints -- the path the paper profile takes for the authors' CC3M CoCa. (A CoCa
     built with ``pretrained=None`` is not usable as is: open_clip 3.3.0 leaves ``text_decoder.text_projection``
     uninitialised (``torch.empty``); it gets its intended normal init here, so the file is deterministic.)
-    Writes ``{"state_dict": ...}`` and a ``.json`` card (model, seed) beside it; returns the path.
+    Writes ``{"state_dict": ...}`` and a ``<file>.json`` card (model, seed) beside it; returns the path.
     """
     import json
 
@@ -207,7 +207,7 @@ def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path
     register_open_clip_configs()
     path = Path(path)
     card = {"model": model, "seed": int(seed), "kind": "random init (paper-tiny)", "open_clip": open_clip.__version__}
-    card_file = path.with_suffix(".json")
+    card_file = path.with_name(path.name + ".json")  # x.pt.json: not the x.json card of our trained models
     if path.is_file() and card_file.is_file() and json.loads(card_file.read_text()) == card:
         return path
     torch.manual_seed(int(seed))
