@@ -91,6 +91,10 @@ def test_paper_and_paper_tiny_profiles_have_the_same_keys():
 EXPECTED_KEYS = {
     "00": ["data.train2014_images", "data.pseudo_images", "data.refcoco+.train.refs"],
     "01": ["masks.proposals_per_image", "masks.recall_at_0.5", "masks.images_ok"],
+    "02": ["captions.seconds.naive.train", "captions.seconds.distinctive.train"],
+    "03": ["export.pseudo_ris.masks_exported", "export.pseudo_ris.expressions"],
+    "04": ["ris.n_runs", "ris.train.pseudo_ris.refcoco+.val.mIoU_seed_mean"],
+    "05": ["ris.pseudo_ris.refcoco+.val.mIoU", "ris.pseudo_ris.refcoco+.testB.oIoU"],
 }
 
 
