@@ -85,6 +85,41 @@ def test_paper_and_paper_tiny_profiles_have_the_same_keys():
     assert paper["data"]["world"] == "refer" and tiny["data"]["world"] == "samples"
 
 
+@pytest.mark.parametrize("name", ["paper", "paper-tiny"])
+def test_paper_profiles_are_accepted_by_every_step(name):
+    """Every section of both paper profiles passes the validation of the module that reads it (no model built)."""
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from ris_utils import download, filtering, masks
+    from ris_utils.captioning import parse_settings, step
+    from ris_utils.ris.model import MODEL_REGISTRY
+    from ris_utils.ris.train import resolve_config
+
+    m = profiles.step_config(name, "masks")
+    assert m["sam_variant"] in masks.SAM_BUILDERS
+    allowed = set(inspect.signature(SamAutomaticMaskGenerator.__init__).parameters)
+    assert set(m["amg"]) <= allowed
+    masks.make_selector(m["selector"])  # raises on unknown keys
+    c = profiles.step_config(name, "captions")
+    settings = step.decode_settings(c)
+    assert len(settings) == 11 and settings[0]["kind"] == "beam"  # 1 beam + 5 top-k + 5 top-p per view
+    assert len(parse_settings(settings[1:])) == 10 and len(step.view_kinds(c)) == 4  # -> 44 candidates
+    assert c["min_seq_len"] == 5 and c["seq_len"] > c["min_seq_len"] and c["n_range"] == [2, 30]
+    f = profiles.step_config(name, "filter")
+    assert f["fallback"] in filtering.FALLBACKS and f["nonpositive"] in filtering.NONPOSITIVE
+    r = resolve_config(profiles.step_config(name, "ris"))
+    assert r["model"] in MODEL_REGISTRY and r["word_len"] == 17 and r["tokenizer"] == "open_clip"
+    assert r["schedule"] == {"name": "multistep", "milestones": [35], "gamma": 0.1, "warmup_steps": 0}
+    assert r["backbone_lr_mult"] == 0.1 and r["grad_clip"] == 0.0 and r["convention"] == "cris"
+    d = profiles.step_config(name, "data")
+    if d["world"] == "refer":
+        download.resolve_names(d["need"])  # every item is in the source table
+        assert m["checkpoint"].endswith("sam_vit_h_4b8939.pth") and m["amg"]["pred_iou_thresh"] == 0.5
+        assert r["input_size"] == 416 and r["epochs"] == 50 and r["pretrained"] == "openai"
+
+
 # --------------------------------------------------------------------------- end to end (papermill)
 
 #: metric keys each notebook must record under paper-tiny (by notebook number)
