@@ -142,12 +142,11 @@ def step_dirs(work_dir, mode: str, split: str, seed: int, base_seed: int = 0) ->
     """``(captions_dir, filter_dir)`` of one mode / split / caption seed under ``work_dir``.
 
     The profile's seed uses the standard folders ``captions/<mode>/<split>`` and ``filter/<mode>/<split>``;
-    another seed ``s`` uses ``captions_seed<s>/...`` and ``filter_seed<s>/...``.
+    another seed ``s`` uses ``<split>_seed<s>`` in their place (notebook 02's convention for extra seeds).
     """
     w = Path(work_dir)
-    if int(seed) == int(base_seed):
-        return w / "captions" / mode / split, w / "filter" / mode / split
-    return w / f"captions_seed{seed}" / mode / split, w / f"filter_seed{seed}" / mode / split
+    name = split if int(seed) == int(base_seed) else f"{split}_seed{int(seed)}"
+    return w / "captions" / mode / name, w / "filter" / mode / name
 
 
 def ensure_captions(captions_cfg: dict, cdir, mode: str, split: str, seed: int, captioner=None,
