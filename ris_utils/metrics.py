@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from itertools import zip_longest
 
 import numpy as np
 
@@ -182,15 +183,19 @@ def ris_scores(preds, gts, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, con
         if gts_np.size or gts_np.ndim == 2:
             ev.update(preds_np, gts_np)
         return ev.compute()
-    preds_l, gts_l = _as_list(preds, "preds"), _as_list(gts, "gts")
-    if len(preds_l) != len(gts_l):
-        raise ValueError(f"{len(preds_l)} predictions for {len(gts_l)} ground truths")
-    for p, g in zip(preds_l, gts_l):
+    # Iterate lazily so that generators of masks are scored in constant memory.
+    missing = object()
+    n_seen = 0
+    for p, g in zip_longest(_as_iter(preds, "preds"), _as_iter(gts, "gts"), fillvalue=missing):
+        if p is missing or g is missing:
+            side = "predictions" if p is missing else "ground truths"
+            raise ValueError(f"preds and gts differ in length: {side} ran out after {n_seen} samples")
         ev.update(p, g)
+        n_seen += 1
     return ev.compute()
 
 
-def _as_list(x, name: str) -> list:
+def _as_iter(x, name: str):
     if isinstance(x, Iterable):
-        return list(x)
+        return iter(x)
     raise ValueError(f"{name} must be an array or an iterable of arrays, got {type(x).__name__}")

@@ -65,10 +65,16 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def merge_metrics(metrics_path: Path, new: dict) -> dict:
-    data = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    data.update(new)
-    _atomic_write_json(metrics_path, data)
+def merge_metrics(out_dir: Path) -> dict:
+    """Rebuild ``metrics.json`` from the per-notebook files in ``metrics/`` (notebook order).
+
+    A notebook that is run again replaces all of its keys, so no stale number survives a rerun, and
+    notebooks not run this time keep the numbers of their last run.
+    """
+    data: dict = {}
+    for path in sorted((out_dir / "metrics").glob("*.json")):
+        data.update(json.loads(path.read_text() or "{}"))
+    _atomic_write_json(out_dir / "metrics.json", data)
     return data
 
 
@@ -117,7 +123,7 @@ def run_profile(
     notebooks = find_notebooks(notebooks_dir, only)
     if not notebooks:
         raise SystemExit(f"no numbered notebooks found in {notebooks_dir}")
-    metrics: dict = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = merge_metrics(out_dir)
     for nb in notebooks:
         number = nb.name[:2]
         nb_params = notebook_parameters(profile, number)
@@ -156,7 +162,8 @@ def run_profile(
         seconds = time.perf_counter() - t0
         new = json.loads(nb_metrics.read_text()) if nb_metrics.exists() else {}
         new[f"runtime.{nb.stem}.seconds"] = round(seconds, 1)
-        metrics = merge_metrics(metrics_path, new)
+        _atomic_write_json(nb_metrics, new)
+        metrics = merge_metrics(out_dir)
         print(f"[runs] {nb.name} done in {seconds:.1f} s, {len(new) - 1} numbers recorded", flush=True)
     print(f"[runs] metrics: {metrics_path}")
     return metrics

@@ -117,8 +117,9 @@ def test_greedy_tokens_identical_to_full_recompute_loop_and_open_clip(coca):
 # ------------------------------------------------------------------------------ sampling vs reference
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("distinctive", [False, True])
-def test_sampling_equals_unbatched_full_recompute_reference(coca, distinctive):
+def test_sampling_equals_unbatched_full_recompute_reference(coca, distinctive, temperature):
     dec = CocaDecoder(coca)
     n, v = 4, 2
     settings = SAMPLE_SETTINGS
@@ -128,13 +129,14 @@ def test_sampling_equals_unbatched_full_recompute_reference(coca, distinctive):
     keys = np.array([[[row_key(7, "img", i, vv, s.name) for i in range(n)] for s in settings]
                      for vv in range(v)], dtype=np.uint64)
     res = sample_captions(dec, IDS, embs, lat, settings, keys, distinctive=distinctive, seq_len=14,
-                          min_seq_len=4)
+                          min_seq_len=4, temperature=temperature)
     assert res.distinctive == distinctive
     for vv in range(v):
         for si, s in enumerate(settings):
             for i in range(n):
                 ref = reference_sample_row(coca, IDS, embs[vv], lat[vv], i, s, int(keys[vv, si, i]),
-                                           distinctive=distinctive, seq_len=14, min_seq_len=4)
+                                           distinctive=distinctive, seq_len=14, min_seq_len=4,
+                                           temperature=temperature)
                 got = res.tokens[vv, si, i]
                 assert got[: len(ref)].tolist() == ref, (vv, s.name, i)
                 assert (got[len(ref):] == IDS.pad).all()

@@ -126,8 +126,33 @@ def test_batch_equals_one_by_one():
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
         ris_scores([np.zeros((4, 5), bool)], [np.zeros((4, 6), bool)])
-    with pytest.raises(ValueError, match="2 predictions for 1"):
+    with pytest.raises(ValueError, match="ground truths ran out after 1 samples"):
         ris_scores([np.zeros((4, 5), bool)] * 2, [np.zeros((4, 5), bool)])
+
+
+def test_ris_scores_consumes_generators_lazily(monkeypatch):
+    """Generators are scored one sample at a time (memory does not grow with the split)."""
+    produced = []
+    seen_at_update = []
+
+    def gen(n):
+        for i in range(n):
+            produced.append(i)
+            m = np.zeros((8, 8), bool)
+            m[: i % 8 + 1] = True
+            yield m
+
+    real_update = RisEvaluator.update
+
+    def spy(self, pred, gt):
+        seen_at_update.append(len(produced))
+        return real_update(self, pred, gt)
+
+    monkeypatch.setattr(RisEvaluator, "update", spy)
+    out = ris_scores(gen(50), gen(50))
+    assert out["n"] == 50 and out["mIoU"] == pytest.approx(100.0)
+    # at the k-th update only k+1 samples of each generator have been produced
+    assert seen_at_update == [2 * (k + 1) for k in range(50)]
 
 
 def test_bad_arguments():

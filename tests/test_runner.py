@@ -86,3 +86,14 @@ def test_cli_exit_code(project):
     with pytest.raises(SystemExit) as exc:
         runs.main(["--profile", "toy", "--no-progress"])
     assert exc.value.code == 1
+
+
+def test_rerun_replaces_a_notebooks_keys_and_keeps_the_others(project):
+    nbs = project / "notebooks"
+    _notebook(nbs / "00_a.ipynb", ["import ris_utils", "ris_utils.record('a.kept', 1)"])
+    _notebook(nbs / "01_b.ipynb", ["import ris_utils", "ris_utils.record('b.old', 1)"])
+    runs.run_profile("toy", progress=False)
+    _notebook(nbs / "01_b.ipynb", ["import ris_utils", "ris_utils.record('b.new', 2)"])
+    metrics = runs.run_profile("toy", only=["01"], progress=False)
+    assert metrics["a.kept"] == 1 and metrics["b.new"] == 2
+    assert "b.old" not in metrics  # no stale number survives a rerun
