@@ -266,3 +266,9 @@ def test_train_clip_short_run_writes_a_loadable_checkpoint(tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(v.half().float(), model.state_dict()[k].float()) for k, v in state.items())
     assert tok(["a photo of a circle"]).shape == (1, model.context_length)
+    # same seed, same weights
+    from ris_utils.train_clip import train_clip
+
+    train_clip({"clip": clip}, out=tmp_path / "again.pt", progress=False)
+    again = torch.load(tmp_path / "again.pt", map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, again[k]) for k, v in state.items())
