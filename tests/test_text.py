@@ -87,3 +87,28 @@ def test_known_nouns_win_and_extractor_backend():
         HeadNounExtractor(backend="spacy", spacy_model="no_such_pipeline_xyz")
     with pytest.raises(ValueError, match="backend"):
         HeadNounExtractor(backend="nltk")
+
+
+def test_spacy_branch_takes_the_first_noun_chunk_root(monkeypatch):
+    """The spaCy path (authors: en_core_web_lg) with a stand-in pipeline: root of the first noun chunk,
+    else the first NOUN/PROPN, else the rules."""
+    from types import SimpleNamespace
+
+    import ris_utils.text as text
+
+    def nlp(t):
+        toks = [SimpleNamespace(text=w, pos_="NOUN" if w in ("shirt", "Man") else "ADJ") for w in t.split()]
+        chunks = [SimpleNamespace(root=toks[0])] if t.startswith("Man") else []
+        return _Doc(toks, chunks)
+
+    class _Doc(list):
+        def __init__(self, toks, chunks):
+            super().__init__(toks)
+            self.noun_chunks = chunks
+
+    monkeypatch.setattr(text, "_load_spacy", lambda model: nlp)
+    ex = text.HeadNounExtractor(backend="auto", spacy_model="stand_in")
+    assert ex.backend == "spacy"
+    assert ex("Man in red shirt") == "man"  # first chunk's root
+    assert ex("red shirt") == "shirt"  # no chunk: first NOUN
+    assert ex("left") == "left"  # neither: the rules
