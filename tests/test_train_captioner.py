@@ -50,7 +50,6 @@ def _tiny_cfg(tmp_path, **train):
             "device": "cpu", "train": settings}
 
 
-@pytest.mark.slow
 def test_short_training_lowers_loss_and_round_trips(tmp_path):
     from ris_utils.train_captioner import card_matches, load_captioner, train
 
