@@ -66,9 +66,9 @@ def test_resume_continues_identically(toy, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(toy, tmp_path):
     prof = tmp_path / "prof.yaml"
-    # small lr: Adam's first steps move every weight by ~lr whatever the gradient's size, so float noise in
-    # near-zero gradients (different reduction order) would otherwise show up as lr-sized differences
-    cfg = _cfg(epochs=2, batch_size=8, lr=1e-4)
+    # Adam moves every weight by ~lr whatever its gradient's size, so float noise in near-zero gradients
+    # (another reduction order) would show up as lr-sized steps: a larger eps damps those, not real gradients
+    cfg = _cfg(epochs=2, batch_size=8, lr=1e-4, adam_eps=1e-3)
     import yaml
 
     prof.write_text(yaml.safe_dump({"shared": {"profile": "t", "seed": 0, "device": "cpu"}, "ris": cfg}))
@@ -83,7 +83,7 @@ def test_torchrun_two_processes_match_one(toy, tmp_path):
     assert len(a["steps_log"]) == len(b["steps_log"]) == 2 * (8 * 2 // 8)
     la = [s[2] for s in a["steps_log"]]
     lb = [h[2] for h in b["steps_log"]]
-    assert la == pytest.approx(lb, rel=1e-3, abs=1e-5)
+    assert la == pytest.approx(lb, rel=2e-4, abs=1e-6)
     n_close = 0
     for k, v in b["model"].items():
         if v.is_floating_point():

@@ -171,7 +171,8 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     t0 = time.time()
     val = job.val
     res = train(tcfg, job.train_path, out, val_path=val["path"] if val else None, train_dataset=job.train_dataset,
-                split_by=job.split_by, val_dataset=val["dataset"] if val else None, progress=False)
+                split_by=job.split_by, val_dataset=val["dataset"] if val else None,
+                val_split_by=val["split_by"] if val else None, progress=False)
     t_train = time.time() - t0
     loaded = load_checkpoint(out / "last.pt")
     paths = []

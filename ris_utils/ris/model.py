@@ -266,6 +266,12 @@ class Projector(nn.Module):
             nn.Conv2d(in_dim, in_dim, 1))
         self.txt = nn.Linear(word_dim, in_dim * kernel_size * kernel_size + 1)
 
+    def init_prior(self, p: float) -> None:
+        """(our choice, off in CRIS) start the generated bias at logit(p), the share of foreground pixels
+        (as RetinaNet's prior init), so early steps do not go into learning the background rate."""
+        with torch.no_grad():
+            self.txt.bias[-1] = math.log(p / (1 - p))
+
     def forward(self, x, state):
         x = self.vis(x)  # (B, C, H, W)
         b, c, h, w = x.shape
@@ -299,7 +305,7 @@ class CRIS(nn.Module):
     """
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
-                 dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0):
+                 dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -310,6 +316,8 @@ class CRIS(nn.Module):
         self.decoder = VisionLanguageDecoder(num_layers, fpn_out[1], num_heads, dim_ffn, dropout)
         self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3)
         self.pad_token_id = int(pad_token_id)
+        if prior:
+            self.proj.init_prior(float(prior))
 
     def forward(self, img: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         pad_mask = tokens == self.pad_token_id  # (B, L)

@@ -37,7 +37,8 @@ def summary_frame(df):
     if df.empty:
         return pd.DataFrame()
     g = df.groupby(["trainset", "style", "split"])[["mIoU", "oIoU"]]
-    out = g.mean().join(g.std(ddof=0), rsuffix="_std").join(g.size().rename("n_seeds"))
+    std = g.std(ddof=0).add_suffix("_std")
+    out = g.mean().join(std).join(g.size().rename("n_seeds"))
     return out.reset_index()
 
 

@@ -56,6 +56,7 @@ DEFAULTS = dict(
     schedule={"name": "multistep", "milestones": [35], "gamma": 0.1, "warmup_steps": 0},
     val_split="val", val_max_refs=None, eval_batch_size=64, num_workers=0, cache=True,
     convention="lavt", seed=0, device="auto",
+    adam_eps=1e-8,            # AdamW epsilon
     threads=None,             # torch CPU threads (None = torch's default); 1 avoids oversubscription
     dice_weight=0.0,          # (our choice, shapes) + dice loss; CRIS: 0 (BCE only)
 )
@@ -243,7 +244,8 @@ def _ddp_setup():
 
 
 def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str | None = None,
-          split_by: str | None = None, val_dataset: str | None = None, stop_after_epoch: int | None = None,
+          split_by: str | None = None, val_dataset: str | None = None, val_split_by: str | None = None,
+          stop_after_epoch: int | None = None,
           progress: bool = True) -> dict:
     """Train (or resume) a RIS model; returns ``{"out", "epochs", "history", "checkpoint"}``.
 
@@ -298,7 +300,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     total_steps = steps_per_epoch * cfg["epochs"]
     val_set = None
     if val_path is not None and master:
-        val_set = RisEvalSet(open_refer(val_path, val_dataset, split_by), cfg["val_split"], **common)
+        val_set = RisEvalSet(open_refer(val_path, val_dataset, val_split_by or split_by), cfg["val_split"], **common)
         if cfg.get("val_max_refs"):
             keep = set(range(min(len(val_set.refs), int(cfg["val_max_refs"]))))
             val_set.pairs = [p for p in val_set.pairs if p[0] in keep]
@@ -314,7 +316,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     raw = model.module if world > 1 else model
     groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"])
     base_lrs = [g["lr"] for g in groups]
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=float(cfg["adam_eps"]))
     start_epoch, step, history, steps_log = 0, 0, [], []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -426,12 +428,13 @@ def cli(argv=None) -> int:
     ap.add_argument("--dataset", default=None, help="dataset name inside --train when it holds several")
     ap.add_argument("--val-dataset", default=None, help="dataset name inside --val when it holds several")
     ap.add_argument("--split-by", default=None, help="refs(<split_by>).p to read when several exist")
+    ap.add_argument("--val-split-by", default=None, help="as --split-by, for --val (default: --split-by)")
     ap.add_argument("--param", action="append", default=[], help="override a ris setting: key=value")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = step_config(args.profile, "ris", **parse_params(args.param))
     res = train(cfg, args.train, args.out, args.val, train_dataset=args.dataset, split_by=args.split_by,
-                val_dataset=args.val_dataset)
+                val_dataset=args.val_dataset, val_split_by=args.val_split_by)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": res["out"], "epochs": res["epochs"], "last": res["history"][-1]}, default=str))
     if dist.is_initialized():
