@@ -33,6 +33,9 @@ import numpy as np
 
 #: The paper's four views, in the order of the candidates' ``view`` index (0-3).
 PAPER_VIEWS = ("masked", 1.0, 1.1, 1.2)
+#: open_clip's default (OpenAI) normalisation.
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def mask_box_xyxy(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -85,7 +88,7 @@ def pad_to_square(crop: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def view_crop(image: np.ndarray, mask: np.ndarray, view, fill=0) -> np.ndarray:
+def view_crop(image: np.ndarray, mask: np.ndarray, view, fill=0, mean: Sequence[float] = DEFAULT_MEAN) -> np.ndarray:
     """One view of one mask as a square HxWx3 uint8 crop at the image's resolution (before resizing).
 
     Arguments:
@@ -93,7 +96,8 @@ def view_crop(image: np.ndarray, mask: np.ndarray, view, fill=0) -> np.ndarray:
       mask: HxW bool mask.
       view: ``"masked"`` (the mask's box, pixels outside the mask set to ``fill``) or an enlargement
         factor (float) of the mask's box on the original image.
-      fill: one grey value or an RGB triple in 0..255.
+      fill: one grey value or an RGB triple in 0..255, or ``"mean"`` (``mean`` x 255).
+      mean: the model's normalisation mean (only for ``fill="mean"``).
     Returns:
       SxSx3 uint8, S = the longer side of the (clipped) box; a 1x1 fill pixel for an empty mask.
     """
@@ -103,6 +107,7 @@ def view_crop(image: np.ndarray, mask: np.ndarray, view, fill=0) -> np.ndarray:
         raise ValueError(f"image must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
+    fill = resolve_fill(fill, mean)
     box = mask_box_xyxy(mask)
     if box is None:
         return _blank(fill)
@@ -140,8 +145,8 @@ def make_views(
     views: Sequence = PAPER_VIEWS,
     size: int = 224,
     fill=0,
-    mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
 ):
     """All views of all masks of one image, batched and normalised for the model.
 

@@ -82,6 +82,7 @@ def test_make_views_batch_shape_and_normalisation():
     holed[5, 5] = False  # the corner pixel of the box lies outside the mask -> filled
     mf = make_views(img, [holed], ("masked",), size=4, fill="mean", mean=mean, std=std)
     assert mf[0, 0, :, 0, 0].abs().max() < 0.02
+    assert (view_crop(img, holed, "masked", fill="mean", mean=mean)[0, 0] == [128, 102, 76]).all()
 
 
 def test_degenerate_masks():
