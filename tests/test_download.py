@@ -285,3 +285,18 @@ def test_dispatcher_maps_download(capsys):
     assert main(["download", "--list"]) == 0
     out = capsys.readouterr().out
     assert "sam-vit-h" in out and "coco-train2014" in out and "checksums.lock.json" in out
+
+
+def test_prepare_downloads_what_is_missing_when_asked(server, tmp_path, monkeypatch):
+    body = _refer_zip(tmp_path)
+    server.files["/refcoco.zip"] = body
+    monkeypatch.setitem(dl.SOURCES, "refcoco", dataclasses.replace(
+        dl.SOURCES["refcoco"], urls=(server.url + "/refcoco.zip",), sha256=hashlib.sha256(body).hexdigest()))
+    root = tmp_path / "data"
+    cfg = {"data_root": str(root), "datasets": [{"name": "refcoco", "split_by": "unc"}], "need": ["refcoco"],
+           "download": True, "progress": False}
+    stats = dl.prepare(cfg)
+    assert stats["data.refcoco.train.refs"] == 1 and stats["data.refcoco.testA.refs"] == 1
+    assert json.loads((root / dl.LOCK_NAME).read_text())["refcoco"]["sha256"] == hashlib.sha256(body).hexdigest()
+    dl.prepare(cfg)  # everything present: no second request
+    assert [p for p, _ in server.requests] == ["/refcoco.zip"]

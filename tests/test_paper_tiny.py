@@ -70,6 +70,21 @@ def test_samples_are_deterministic_and_masks_follow_the_photos():
     assert masks[0].sum() > masks[1].sum() and masks[0].sum() > masks[2].sum()
 
 
+def test_random_checkpoint_is_deterministic_and_loads_through_open_clip(tmp_path):
+    """paper-tiny's CoCa weights: same seed -> same file content; open_clip's pretrained=<file> loads them."""
+    import open_clip
+    import torch
+
+    a = samples.write_random_checkpoint("coca_tiny", tmp_path / "a.pt", seed=3)
+    b = samples.write_random_checkpoint("coca_tiny", tmp_path / "b.pt", seed=3)
+    sa, sb = torch.load(a)["state_dict"], torch.load(b)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    proj = sa["text_decoder.text_projection"]  # left as torch.empty by open_clip: initialised here
+    assert torch.isfinite(proj).all() and 0.05 < float(proj.std()) < 0.5
+    model = open_clip.create_model("coca_tiny", pretrained=str(a))
+    assert torch.equal(model.text_decoder.text_projection.detach(), proj)
+
+
 def test_unknown_photo_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown sample photo 'lena'"):
         samples.build_samples(photos=["lena"])
