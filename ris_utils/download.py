@@ -440,21 +440,25 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
     if not dest.exists():
         if is_present(source, root):  # unpacked earlier, archive deleted: nothing to verify against
             return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
-        errors = []
-        for url in source.urls:
+        errors, offline = [], []
+        for url in source.urls:  # official URL first, then the mirrors
             try:
                 fetch(url, dest, expected_size=source.size or (lock.get(source.name) or {}).get("size"),
                       progress=progress, retries=retries, timeout=timeout)
                 break
-            except OfflineError:
-                raise
             except ChecksumError:
                 raise
+            except OfflineError as e:  # this host is unreachable; a mirror may not be
+                offline.append(str(e))
+                logger.warning("%s; trying the next mirror", e)
             except DownloadError as e:
                 errors.append(str(e))
                 logger.warning("%s; trying the next mirror", e)
         else:
-            raise DownloadError(f"{source.name}: every URL failed:\n  " + "\n  ".join(errors))
+            if offline and not errors:
+                raise OfflineError(offline[0] if len(offline) == 1 else
+                                   f"{source.name}: no URL reachable:\n  " + "\n  ".join(offline))
+            raise DownloadError(f"{source.name}: every URL failed:\n  " + "\n  ".join(errors + offline))
         status = "downloaded"
     info = verify_file(dest, source, lock)
     result = {"name": source.name, "status": status, "path": str(dest), "sha256": info["sha256"]}

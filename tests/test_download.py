@@ -300,3 +300,15 @@ def test_prepare_downloads_what_is_missing_when_asked(server, tmp_path, monkeypa
     assert json.loads((root / dl.LOCK_NAME).read_text())["refcoco"]["sha256"] == hashlib.sha256(body).hexdigest()
     dl.prepare(cfg)  # everything present: no second request
     assert [p for p, _ in server.requests] == ["/refcoco.zip"]
+
+
+def test_unreachable_official_host_falls_back_to_the_mirror(server, tmp_path):
+    body = _payload(2_000, seed=5)
+    server.files["/mirror/r.zip"] = body
+    dead = f"http://127.0.0.1:{_closed_port()}/r.zip"
+    src = dl.Source(name="r", urls=(dead, server.url + "/mirror/r.zip"), filename="r.bin", dest="downloads",
+                    sha256=hashlib.sha256(body).hexdigest())
+    assert dl.ensure(src, tmp_path, progress=False)["status"] == "downloaded"
+    src2 = dataclasses.replace(src, name="r2", urls=(dead, f"http://127.0.0.1:{_closed_port()}/r.zip"))
+    with pytest.raises(dl.OfflineError, match="no URL reachable"):
+        dl.ensure(src2, tmp_path / "other", progress=False)
