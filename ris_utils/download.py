@@ -472,6 +472,9 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
             result["recorded"] = True
             logger.warning("%s: no published checksum; recorded sha256 %s (%d bytes) in %s; later downloads "
                            "are checked against it", source.name, info["sha256"], info["size"], root / LOCK_NAME)
+    if source.extract_to is not None and is_present(source, root):  # --verify of an unpacked archive
+        result["path"] = str(root / source.provides[0])
+        return result
     if source.extract_to is not None:
         n = _safe_extract(dest, root / source.extract_to)
         result["extracted_files"] = n

@@ -225,6 +225,10 @@ def test_zip_is_unpacked_into_the_refer_layout_and_prepare_reads_it(server, tmp_
     data = refer.load_refer(root, "refcoco", "unc")
     assert len(data.refs) == 2 and data.get_mask(data.refs[0]).sum() == 12
     assert dl.ensure(src, root, progress=False)["status"] == "present"  # nothing fetched twice
+    assert dl.ensure(src, root, progress=False, verify_existing=True)["status"] == "verified"  # re-hashed
+    (root / "downloads" / "refcoco.zip").write_bytes(body[:-1] + b"x")  # the kept archive rots on disk
+    with pytest.raises(dl.ChecksumError, match="sha256 mismatch"):
+        dl.ensure(src, root, progress=False, verify_existing=True)
     n_requests = len(server.requests)
     imgs = root / "images/mscoco/images/train2014"
     imgs.mkdir(parents=True)
