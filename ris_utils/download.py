@@ -234,6 +234,7 @@ def verify_file(path: Path, source: Source, lock: dict) -> dict:
     Raises ChecksumError (after renaming the file to ``*.corrupt``) on a mismatch.
     """
     size = path.stat().st_size
+    logger.info("verifying %s (%.2f GB)", path, size / 1e9)
     digests = file_digests(path)
     expected = []
     if source.size is not None:
