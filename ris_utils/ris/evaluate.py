@@ -80,7 +80,8 @@ def cli(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="JSON file (one split) or folder (several splits)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("ris_utils").setLevel(logging.INFO)  # open_clip logs its model building on the root logger
     from ris_utils.models import resolve_device
 
     loaded = load_checkpoint(args.checkpoint, resolve_device(args.device))

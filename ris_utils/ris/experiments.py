@@ -92,12 +92,13 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     ex = cfg.get("experiments") or {}
     trainsets = list(trainsets or ex.get("trainsets") or ALL_TRAINSETS)
     seeds = [int(s) for s in (seeds or ex.get("seeds") or [0, 1])]
-    eval_sets = ex.get("eval_sets") or []
+    # paper profiles keep ris.eval_sets = [{dataset, split_by, splits}] (the benchmark = the style)
+    eval_sets = [{"style": e.get("style", e["dataset"]), **e} for e in (ex.get("eval_sets") or cfg.get("eval_sets") or [])]
     styles = list(styles or ex.get("styles") or [e["style"] for e in eval_sets])
     data_root = Path(cfg["data_root"])
     work = Path(cfg["work_dir"])
     export_dir = work / "export"
-    split_by = ex.get("split_by", "shapes")
+    split_by = ex.get("split_by", "shapes")  # of the human refs (gt, gt10, mix); per style when eval_sets name one
     mix = ex.get("mix") or {"fraction": 0.1, "seed": 0}
     runs = work / "ris"
     evals_by_style = {e["style"]: e for e in eval_sets}
@@ -118,6 +119,7 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                                 [evals_by_style[s] for s in styles if s in evals_by_style], val_spec))
                 continue
             for style in styles:
+                split_by = evals_by_style.get(style, {}).get("split_by", ex.get("split_by", "shapes"))
                 out = runs / ts / style / f"seed{seed}"
                 ev = [evals_by_style[style]] if style in evals_by_style else []
                 sval = {"path": str(data_root), "dataset": style, "split_by": split_by} if val else None
@@ -134,10 +136,11 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                     jobs.append(Job(ts, style, seed, str(path), style, "mix", str(out), ev, sval))
     # derived training sets (written once, before the workers start)
     for job in jobs:
+        sb = evals_by_style.get(job.style, {}).get("split_by", ex.get("split_by", "shapes"))
         if job.trainset == "gt10" and not (Path(job.train_path) / job.style).is_dir():
-            prepare_gt10(data_root, job.style, split_by, mix["fraction"], mix["seed"], job.train_path)
+            prepare_gt10(data_root, job.style, sb, mix["fraction"], mix["seed"], job.train_path)
         if job.trainset == "gt10+pseudo" and not (Path(job.train_path) / job.style).is_dir():
-            prepare_mix(export_dir / "pseudo_ris", data_root, job.style, split_by, mix["fraction"], mix["seed"],
+            prepare_mix(export_dir / "pseudo_ris", data_root, job.style, sb, mix["fraction"], mix["seed"],
                         job.train_path)
     return jobs
 

@@ -431,7 +431,8 @@ def cli(argv=None) -> int:
     ap.add_argument("--val-split-by", default=None, help="as --split-by, for --val (default: --split-by)")
     ap.add_argument("--param", action="append", default=[], help="override a ris setting: key=value")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("ris_utils").setLevel(logging.INFO)  # open_clip logs its model building on the root logger
     cfg = step_config(args.profile, "ris", **parse_params(args.param))
     res = train(cfg, args.train, args.out, args.val, train_dataset=args.dataset, split_by=args.split_by,
                 val_dataset=args.val_dataset, val_split_by=args.val_split_by)
