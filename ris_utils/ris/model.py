@@ -362,7 +362,17 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
         if context_length:
             text_cfg["context_length"] = int(context_length)
         kwargs = {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
+    with _quiet_root_logger():  # open_clip warns on the root logger that a random init is random
+        return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
+
+
+class _quiet_root_logger:
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
 
 
 def _clip_from_file(name: str, path: str):
@@ -377,7 +387,8 @@ def _clip_from_file(name: str, path: str):
         p = project_root() / p
     if not p.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} not found (ris.pretrained)")
-    model = open_clip.create_model(name, pretrained=None, device="cpu")
+    with _quiet_root_logger():
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
     state = torch.load(p, map_location="cpu", weights_only=True)
     sd = {k: v.float() for k, v in state.get("state_dict", state).items()}
     try:
