@@ -145,6 +145,18 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     return jobs
 
 
+def job_key(job: Job, cfg: dict) -> str:
+    """Identity of a job's results: its training set, style, seed, data and training settings -- not the
+    folders (``work_dir``, ``out``), so a copy of the work folder or another checkout reuses finished jobs."""
+    skip = {"experiments", "step", "work_dir", "profile", "data_root"}
+    d = asdict(job)
+    d.pop("out")
+    d["train_path"] = "/".join(Path(job.train_path).parts[-2:])
+    if d.get("val"):
+        d["val"] = {k: v for k, v in d["val"].items() if k != "path"}
+    return _hash({"job": d, "cfg": {k: v for k, v in cfg.items() if k not in skip}, "seed": int(job.seed)})
+
+
 def _train_settings(cfg: dict, seed: int) -> dict:
     skip = {"experiments", "step"}
     return {**{k: v for k, v in cfg.items() if k not in skip}, "seed": int(seed)}
@@ -162,7 +174,7 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
         torch.set_num_threads(int(cfg["threads"]))
     out = Path(job.out)
     tcfg = _train_settings(cfg, job.seed)
-    key = _hash({"job": asdict(job), "cfg": tcfg})
+    key = job_key(job, cfg)
     done = out / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
         return {**json.loads(done.read_text()), "skipped": True}
