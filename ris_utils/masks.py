@@ -592,7 +592,7 @@ OUTPUT_KEYS = ("backend", "sam_variant", "checkpoint", "random_init", "amg", "se
 
 
 def make_step_fn(cfg: dict) -> Callable[[dict], dict]:
-    """``fn(item) -> {"height", "width", "proposals"}`` for :func:`ris_utils.engine.run`; builds the backend,
+    """``fn(item) -> {"path", "height", "width", "proposals"}`` for :func:`ris_utils.engine.run`; builds the backend,
     the selector and the external masks NOW (fail fast)."""
     backend = build_backend(cfg)
     selector = make_selector(cfg.get("selector"))
@@ -606,7 +606,8 @@ def make_step_fn(cfg: dict) -> Callable[[dict], dict]:
         image = load_image_rgb(item["path"], min_side=min_side)
         ext = None if external is None else external.get(item["image_id"], [])
         props = propose_masks(image, backend, selector, ext)
-        return {"height": int(image.shape[0]), "width": int(image.shape[1]),
+        # the image's path travels with the record, so step 2 reads the very file step 1 segmented
+        return {"path": str(item["path"]), "height": int(image.shape[0]), "width": int(image.shape[1]),
                 "proposals": [p.to_dict() for p in props]}
 
     return fn

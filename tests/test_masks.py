@@ -208,6 +208,12 @@ def test_cli_images_folder_and_refusal_to_mix_settings(tmp_path, capsys):
     assert recs["a.png"]["status"] == "ok" and recs["b.jpg"]["status"] == "error"
     m = masks.rle_to_mask(recs["a.png"]["proposals"][0]["segmentation"])
     assert m[8:24, 10:30].all() and m.sum() == 16 * 20
+    # the record names the file it segmented, and step 2 reads that file (not data_root/images/<name>)
+    assert recs["a.png"]["path"] == str(tmp_path / "imgs" / "a.png")
+    from ris_utils.captioning import step
+
+    items = step.items_from_masks(out, {"data_root": str(tmp_path / "elsewhere")})
+    assert [it["path"] for it in items] == [str(tmp_path / "imgs" / "a.png")]
     # same folder, other settings: refused with a clear message, nothing mixed
     assert masks.cli(["--images", str(tmp_path / "imgs"), "--out", str(out), "--profile", "shapes",
                       "--param", "components.min_area=50", "--no-progress"]) == 2
