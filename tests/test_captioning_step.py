@@ -77,6 +77,24 @@ def test_step_records_resume(world, tmp_path, captioner):
         step.run_captions(_cfg(world, tmp_path, top_k=[7]), "val", "distinctive", captioner, progress=False)
 
 
+def test_threads_setting_keeps_records(world, tmp_path, captioner):
+    """captions.threads only changes speed: same records as torch's default, thread count restored."""
+    import torch
+
+    prev = torch.get_num_threads()
+    base = step.run_captions(_cfg(world, tmp_path, threads=None), "val", "distinctive", captioner,
+                             out_dir=tmp_path / "default", progress=False)
+    one = step.run_captions(_cfg(world, tmp_path, threads=1), "val", "distinctive", captioner,
+                            out_dir=tmp_path / "one", progress=False)
+    assert base["ok"] == one["ok"] == 2
+    assert torch.get_num_threads() == prev
+    assert (tmp_path / "one" / engine.RECORDS).read_bytes() == (tmp_path / "default" / engine.RECORDS).read_bytes()
+    with pytest.raises(ValueError, match="captions.threads"):
+        step.run_captions(_cfg(world, tmp_path, threads=-1), "val", "naive", captioner,
+                          out_dir=tmp_path / "bad", progress=False)
+    assert torch.get_num_threads() == prev
+
+
 def test_masks_source_and_cli_errors(world, tmp_path, captioner):
     # step 1's records as input (the GT masks written as proposals), plus one empty proposal
     scenes = shapes.load_scenes(world)

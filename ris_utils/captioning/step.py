@@ -22,6 +22,7 @@ ground-truth object of highest IoU (>= 0.5, else unmatched, reported apart); a c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -166,6 +167,27 @@ def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> 
     return {"height": int(h), "width": int(w), "masks": entries}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``torch.set_num_threads(n)`` inside the block (restored after); ``None``/0 leaves torch's default.
+
+    The shapes captioner's ops are tiny (width 64, a few hundred rows): one thread decodes ~4-6x faster than
+    two on the shared 2-core CPU (measured 0.22 vs 1.32 s/image naive, 0.60 vs 2.36 distinctive, same
+    tokens). The thread count does not change the tokens (checked in tests/test_captioning_step.py).
+    """
+    import torch
+
+    prev = torch.get_num_threads()
+    if n:
+        if int(n) < 1:
+            raise ValueError(f"captions.threads must be a positive int or null, got {n!r}")
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def output_dir(cfg: dict, mode: str, split: str) -> Path:
     return Path(cfg["work_dir"]) / "captions" / mode / split
 
@@ -203,8 +225,10 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
     out_dir = Path(out_dir) if out_dir else output_dir(cfg, mode, split)
     st = step_settings(cfg, mode)
     t0 = time.perf_counter()
-    summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder), out_dir,
-                         seed=st["seed"], desc=f"captions {mode} {split}", config=st, progress=progress)
+    with torch_threads(cfg.get("threads")):
+        summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder),
+                             out_dir, seed=st["seed"], desc=f"captions {mode} {split}", config=st,
+                             progress=progress)
     summary = dict(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out_dir"] = str(out_dir)
