@@ -9,6 +9,7 @@ paper's ``coca_ViT-L-14``. Builders of each step's models live in that step's mo
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -34,11 +35,15 @@ def register_open_clip_configs() -> list[str]:
 
 
 def resolve_device(device: str | None = "auto"):
-    """``"auto"`` -> cuda if available else cpu; anything else is passed to ``torch.device``."""
+    """``"auto"`` -> ``cuda:$LOCAL_RANK`` (torchrun) or ``cuda:0`` if CUDA is available, else cpu; anything
+    else is passed to ``torch.device``."""
     import torch
 
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under torchrun each rank takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} asked for, but CUDA is not available here; use device: cpu or auto")
