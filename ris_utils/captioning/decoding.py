@@ -25,6 +25,7 @@ Length conventions are open_clip's: a sequence is ``[sot, w1, ..., eot, pad...]`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -243,8 +244,22 @@ class CocaDecoder:
             raise ValueError(f"CoCa text width {self.width} != multimodal width {dec.text_projection.shape[0]}")
         self.vocab_size = dec.text_projection.shape[1]
         self.max_len = min(text.positional_embedding.shape[0] - int(self.embed_cls), dec.attn_mask.shape[0])
+        # beam captions of already-decoded crops: (hash of the image tokens, setting, lengths, ids) -> sequences.
+        # Beam search has no noise, so both modes and every seed of an image give the same beams; the memo
+        # returns them without decoding again (exact: same inputs, same batch). Valid while the weights stay
+        # as they are (:meth:`weights_fingerprint` tells a caller holding the decoder across runs).
+        self.beam_memo: dict = {}
+        self.beam_memo_max = 200_000
 
     # --- helpers
+    def weights_fingerprint(self) -> str:
+        """BLAKE2b of the model's parameters and buffers (changes when the weights change)."""
+        hsh = hashlib.blake2b(digest_size=16)
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            hsh.update(name.encode())
+            hsh.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return hsh.hexdigest()
+
     @property
     def device(self) -> torch.device:
         return self.text.token_embedding.weight.device
@@ -756,10 +771,23 @@ def generate_candidates(
     results: dict[tuple[int, int, int], list[int]] = {}  # (mask, view, setting) -> token ids
     beams = [(si, s) for si, s in enumerate(parsed) if s.kind == "beam"]
     samples = [(si, s) for si, s in enumerate(parsed) if s.kind != "beam"]
+    embs_hash = None
     for si, s in beams:
-        seqs = beam_search(decoder, ids, embs.reshape(v_ * n_, *embs.shape[2:]), num_beams=s.num_beams,
-                           num_beam_groups=s.num_beam_groups, seq_len=seq_len, min_seq_len=min_seq_len,
-                           diversity_penalty=s.diversity_penalty, length_penalty=s.length_penalty)
+        crops = embs.reshape(v_ * n_, *embs.shape[2:])
+        if embs_hash is None:
+            embs_hash = hashlib.blake2b(crops.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                                        .tobytes(), digest_size=16).hexdigest()
+        memo_key = (embs_hash, tuple(crops.shape), str(crops.dtype), s.num_beams, s.num_beam_groups,
+                    s.diversity_penalty, s.length_penalty, seq_len, min_seq_len, ids)
+        seqs = decoder.beam_memo.get(memo_key)
+        if seqs is None:
+            seqs = beam_search(decoder, ids, crops, num_beams=s.num_beams, num_beam_groups=s.num_beam_groups,
+                               seq_len=seq_len, min_seq_len=min_seq_len, diversity_penalty=s.diversity_penalty,
+                               length_penalty=s.length_penalty)
+            if len(decoder.beam_memo) >= decoder.beam_memo_max:
+                decoder.beam_memo.clear()
+            decoder.beam_memo[memo_key] = [list(q) for q in seqs]
+        seqs = [list(q) for q in seqs]
         for r, seq in enumerate(seqs):
             results[(r % n_, r // n_, si)] = seq
     if samples:

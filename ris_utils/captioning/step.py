@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import logging
 import time
+import weakref
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -192,6 +193,9 @@ def output_dir(cfg: dict, mode: str, split: str) -> Path:
     return Path(cfg["work_dir"]) / "captions" / mode / split
 
 
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CocaDecoder (beam memo)
+
+
 def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[dict] | None = None,
                  out_dir=None, masks_dir=None, progress: bool = True) -> dict:
     """Caption one split in one mode through the engine (resumable). Returns the engine summary + seconds.
@@ -221,7 +225,13 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
                                         f"{split!r} first (notebook 01), or set captions.source: gt")
             items = items_from_masks(masks_dir, cfg, max_images)
     captioner = captioner or load_captioner(cfg)
-    decoder = CocaDecoder(captioner.model)
+    decoder = _DECODERS.get(captioner.model)
+    if decoder is None or decoder.fingerprint != decoder.weights_fingerprint():
+        # one decoder per model, kept across runs (modes, splits, seeds) for its beam memo; a new one
+        # (empty memo) when the weights changed
+        decoder = CocaDecoder(captioner.model)
+        decoder.fingerprint = decoder.weights_fingerprint()
+        _DECODERS[captioner.model] = decoder
     out_dir = Path(out_dir) if out_dir else output_dir(cfg, mode, split)
     st = step_settings(cfg, mode)
     t0 = time.perf_counter()
