@@ -183,9 +183,12 @@ class KVCache:
     prev: torch.Tensor | None = None  # (rows,) previous tokens (for open_clip's legacy shifted pad mask)
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (beam search): ``cache[r] <- cache[index[r]]``."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+        """Keep rows ``index`` (beam search): ``cache[r] <- cache[index[r]]`` (positions < ``length``: the
+        others are written before they are read)."""
+        n = self.length
+        for kv in (self.keys, self.values):
+            for t in kv:
+                t[:, :, :n] = t[:, :, :n].index_select(0, index)
         if self.valid is not None:
             self.valid = self.valid.index_select(0, index)
         if self.prev is not None:
@@ -645,31 +648,33 @@ def beam_search(
             cand = (scores + beam_scores[rows].unsqueeze(-1)).view(b_, gs * vocab)
             top_s, top_i = torch.topk(cand, 2 * gs, dim=1, largest=True, sorted=True)
             src_beam, tok = top_i // vocab, top_i % vocab
-            nbs = torch.zeros(b_, gs, device=dev)
-            nbt = torch.zeros(b_, gs, dtype=torch.long, device=dev)
-            nbi = torch.zeros(b_, gs, dtype=torch.long, device=dev)
+            # next beams as Python lists (scores are float32 values, stored back into float32 exactly)
+            nbs, nbt, nbi = [0.0] * (b_ * gs), [0] * (b_ * gs), [0] * (b_ * gs)
             top_s_l, tok_l, src_l = top_s.tolist(), tok.tolist(), src_beam.tolist()
+            eot = ids.eot
             for b in range(b_):
                 if done[b][g]:
-                    nbt[b] = ids.pad
+                    nbt[b * gs: (b + 1) * gs] = [ids.pad] * gs
                     continue
                 k = 0
+                sb, tb, rb = top_s_l[b], tok_l[b], src_l[b]
                 for rank in range(2 * gs):
-                    src = b * gs + src_l[b][rank]
-                    if tok_l[b][rank] == ids.eot:
+                    src = b * gs + rb[rank]
+                    if tb[rank] == eot:
                         if rank >= gs:
                             continue
-                        hyps[b][g].add(gids[src].clone(), top_s_l[b][rank], cur + 1)
+                        hyps[b][g].add(gids[src].clone(), sb[rank], cur + 1)
                     else:
-                        nbs[b, k], nbt[b, k], nbi[b, k] = top_s[b, rank], tok_l[b][rank], src
+                        j = b * gs + k
+                        nbs[j], nbt[j], nbi[j] = sb[rank], tb[rank], src
                         k += 1
                     if k == gs:
                         break
-                done[b][g] = done[b][g] or hyps[b][g].is_done(max(top_s_l[b]), cur + 1)
-            nbi = nbi.view(-1)
-            beam_scores[rows] = nbs.view(-1)
+                done[b][g] = done[b][g] or hyps[b][g].is_done(max(sb), cur + 1)
+            nbi = torch.tensor(nbi, dtype=torch.long, device=dev)
+            beam_scores[rows] = torch.tensor(nbs, dtype=beam_scores.dtype, device=dev)
             input_ids[rows] = gids[nbi]
-            current_tokens[rows] = nbt.view(-1)
+            current_tokens[rows] = torch.tensor(nbt, dtype=torch.long, device=dev)
             reorder[rows] = rows[nbi]
         input_ids = torch.cat([input_ids, current_tokens.unsqueeze(-1)], dim=-1)
         tcache.reorder(reorder)
