@@ -95,6 +95,16 @@ def test_threads_setting_keeps_records(world, tmp_path, captioner):
     assert torch.get_num_threads() == prev
 
 
+def test_max_images_per_split(world, tmp_path, captioner):
+    assert step.split_cap({"train": 1}, "train") == 1 and step.split_cap({"train": 1}, "val") is None
+    assert step.split_cap(2, "val") == 2 and step.split_cap(None, "val") is None
+    with pytest.raises(ValueError, match="captions.max_images"):
+        step.split_cap({"val": "all"}, "val")
+    s = step.run_captions(_cfg(world, tmp_path, max_images={"val": 1, "train": 2}), "val", "naive", captioner,
+                          progress=False)
+    assert s["ok"] == 1
+
+
 def test_masks_source_and_cli_errors(world, tmp_path, captioner):
     # step 1's records as input (the GT masks written as proposals), plus one empty proposal
     scenes = shapes.load_scenes(world)

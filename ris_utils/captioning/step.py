@@ -86,6 +86,19 @@ def image_path(rec: dict, cfg: dict) -> str:
     return str(root / rec["file_name"])
 
 
+def split_cap(max_images, split: str) -> int | None:
+    """``captions.max_images`` for one split: a number (every split), ``{split: number}`` (splits not named
+    are not capped) or null."""
+    if isinstance(max_images, dict):
+        max_images = max_images.get(split)
+    if max_images is None:
+        return None
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 0:
+        raise ValueError(f"captions.max_images must be null, an int >= 0 or {{split: int}}, got {max_images!r} "
+                         f"(split {split!r})")
+    return max_images or None
+
+
 def items_from_masks(masks_dir, cfg: dict, max_images: int | None = None) -> list[dict]:
     """Engine items from step 1's records (``masks_dir/records.jsonl``; failed images are skipped)."""
     from ris_utils import engine
@@ -214,7 +227,7 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
 
     if mode not in MODES:
         raise ValueError(f"captions mode must be one of {MODES}, got {mode!r}")
-    max_images = cfg.get("max_images")
+    max_images = split_cap(cfg.get("max_images"), split)
     if items is None:
         if cfg.get("source", "masks") == "gt":
             items = items_from_gt(cfg, split, max_images)
