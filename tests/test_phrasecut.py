@@ -106,3 +106,15 @@ def test_malformed_input_errors(pc_root, tmp_path):
         convert(pc_root, tmp_path / "o", splits=("val",))
     with pytest.raises(ValueError, match="splits="):
         convert(pc_root, tmp_path / "o", splits=("bogus",))
+
+
+def test_miniv_written_as_val(pc_root, tmp_path):
+    (pc_root / "refer_miniv.json").write_text(json.dumps([task("12__9", 12, "green grass", "grass",
+                                                                [[rect(0, 20, 31, 23)]])]))
+    stats = convert(pc_root, tmp_path / "refer", splits=("val", "miniv"))
+    assert stats["per_split"] == {"val": 3, "miniv": 1}
+    data = load_refer(tmp_path / "refer", "phrasecut", "phrasecut")
+    ref = next(r for r in data.refs if r["task_id"] == "12__9")
+    assert ref["split"] == "val" and ref["phrasecut_split"] == "miniv"
+    assert len(data.get_ref_ids(split="val")) == 4
+    np.testing.assert_array_equal(data.get_mask(ref), box_mask(24, 32, (0, 20, 31, 23)))
