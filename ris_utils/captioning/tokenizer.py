@@ -29,6 +29,19 @@ def split_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+
+def content_ids(ids, sot: int, eot: int, pad: int) -> list[int]:
+    """The word ids of a token sequence: up to (not including) the first ``eot``, without ``sot``/``pad``."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    kept = []
+    for i in map(int, ids):
+        if i == eot:
+            break
+        if i not in (sot, pad):
+            kept.append(i)
+    return kept
+
 class WordTokenizer:
     """Word-level tokenizer with open_clip's tokenizer interface.
 
@@ -75,17 +88,8 @@ class WordTokenizer:
 
     def decode(self, ids) -> str:
         """Text of a sequence of ids; stops at the first eot, drops sot and pad."""
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        words = []
-        for i in ids:
-            i = int(i)
-            if i == self.eot_token_id:
-                break
-            if i in (self.sot_token_id, self.pad_token_id):
-                continue
-            words.append(self.vocab[i] if 0 <= i < len(self.vocab) else UNK)
-        return " ".join(words)
+        kept = content_ids(ids, self.sot_token_id, self.eot_token_id, self.pad_token_id)
+        return " ".join(self.vocab[i] if 0 <= i < len(self.vocab) else UNK for i in kept)
 
     def to_dict(self) -> dict:
         return {"type": "word", "vocab": self.vocab[4:], "context_length": self.context_length}
@@ -115,16 +119,7 @@ class OpenClipTokenizer:
         return self.inner(texts, context_length=context_length or self.context_length)
 
     def decode(self, ids) -> str:
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        kept = []
-        for i in ids:
-            i = int(i)
-            if i == self.eot_token_id:
-                break
-            if i in (self.sot_token_id, self.pad_token_id):
-                continue
-            kept.append(i)
+        kept = content_ids(ids, self.sot_token_id, self.eot_token_id, self.pad_token_id)
         return self.inner.decode(kept).strip()
 
 
