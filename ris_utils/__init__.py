@@ -61,10 +61,9 @@ def record(name: str, value) -> float | int | str:
     if path.exists():
         data = json.loads(path.read_text() or "{}")
     data[name] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    from .fileio import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
     return value
 
 

@@ -54,6 +54,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ris_utils.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "pseudo-ris-downloader/0.1 (+https://github.com/pseudo-ris/pseudo-ris)"
@@ -221,11 +223,7 @@ def read_lock(data_root: str | os.PathLike) -> dict:
 
 
 def write_lock(data_root: str | os.PathLike, lock: dict) -> None:
-    path = Path(data_root) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(Path(data_root) / LOCK_NAME, json.dumps(lock, indent=2, sort_keys=True))
 
 
 def verify_file(path: Path, source: Source, lock: dict) -> dict:

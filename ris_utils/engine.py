@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+from ris_utils.fileio import atomic_write, fsync_dir
+
 logger = logging.getLogger(__name__)
 
 RECORDS = "records.jsonl"
@@ -142,30 +144,6 @@ def _read_entry(handles: dict, path: Path, offset: int, length: int) -> str:
 
 def _key(image_id) -> str:
     return json.dumps(image_id)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _check_items(items: list[dict]) -> list:
@@ -345,7 +323,7 @@ def run(
     bar.close()
     elapsed = time.perf_counter() - t0
     if fsync:
-        _fsync_dir(log_path.parent)
+        fsync_dir(log_path.parent)
 
     local = {"step": step, "rank": rank, "world_size": world_size, "n_items": len(mine),
              "ok": counts["ok"], "failed": counts["error"], "processed_now": len(todo),
@@ -401,7 +379,7 @@ def _write_manifest(out_dir: Path, step: str, ids: list, config, seed: int, rank
                     f"({old.get(key)!r} != {manifest[key]!r}); use another output folder or delete this one"
                 )
         return
-    _atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True, default=str), fsync=True)
 
 
 def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial: bool = False) -> dict:
@@ -450,11 +428,11 @@ def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial:
         for f in handles.values():
             f.close()
     os.replace(tmp, path)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     summary = {"step": step, "n_items": len(manifest["image_ids"]), "ok": n_ok, "failed": len(errors),
                "failed_reasons": dict(sorted(reasons.items())), "errors": errors, "missing": missing,
                "merged": True, "records": str(out_dir / RECORDS)}
-    _atomic_write(out_dir / SUMMARY, json.dumps(summary, indent=1, default=str))
+    atomic_write(out_dir / SUMMARY, json.dumps(summary, indent=1, default=str), fsync=True)
     return summary
 
 

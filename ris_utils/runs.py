@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ris_utils.fileio import atomic_write
+
 from . import METRICS_ENV
 from .profiles import load_profile, notebook_parameters, parse_params, profile_path, project_root
 
@@ -60,9 +62,7 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def merge_metrics(out_dir: Path) -> dict:

@@ -26,13 +26,14 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from ris_utils.fileio import atomic_write
 
 __all__ = [
     "ReferData",
@@ -202,18 +203,6 @@ def instances_path(root: str | os.PathLike, dataset: str) -> Path:
     return Path(root) / dataset / "instances.json"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonable(x):
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
@@ -270,8 +259,8 @@ def write_refer(out_root: str | os.PathLike, dataset: str, split_by: str, refs: 
     annotations = [dict(a, segmentation=_written_segmentation(a, ip.name)) for a in annotations]
     refs = _jsonable(refs)
     instances = _jsonable({"images": images, "annotations": annotations, "categories": categories})
-    _atomic_write(ip, json.dumps(instances).encode("utf-8"))
-    _atomic_write(rp, pickle.dumps(refs, protocol=4))
+    atomic_write(ip, json.dumps(instances).encode("utf-8"))
+    atomic_write(rp, pickle.dumps(refs, protocol=4))
     return out
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, open_refer
 from ris_utils.ris.train import DEFAULTS, build_tokenizer, evaluate_model, make_model
 
@@ -95,10 +95,7 @@ def cli(argv=None) -> int:
             out = Path(args.out)
             if len(splits) > 1 or out.suffix != ".json":
                 out = out / f"{scores['dataset']}.{split}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, out)
+            atomic_write(out, text)
     return 0
 
 

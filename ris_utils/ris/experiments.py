@@ -21,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ris_utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +198,7 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
                                          ev.get("split_by", "shapes"), loaded=loaded, device="cpu")
             scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
             p = out / "eval" / f"{ev['style']}.{split}.json"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(scores, indent=1))
-            os.replace(tmp, p)
+            atomic_write(p, json.dumps(scores, indent=1))
             paths.append(str(p))
     summary = {"key": key, "job": job.name, "train_seconds": round(t_train, 1),
                "seconds": round(time.time() - t0, 1), "evals": paths, "history": res["history"]}

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, RisTrainSet, open_refer
 from ris_utils.ris.model import build_model, ris_loss
 
@@ -222,8 +223,7 @@ def _write_logs(out: Path, history: list, steps: list) -> None:
         w.writerow(["step", "epoch", "loss", "lr"])
         w.writerows(steps)
     os.replace(tmp, out / "log.csv")
-    (out / ".history.json.tmp").write_text(json.dumps(history, indent=1))
-    os.replace(out / ".history.json.tmp", out / "history.json")
+    atomic_write(out / "history.json", json.dumps(history, indent=1))
 
 
 def collate(batch: list[dict]) -> dict:
