@@ -69,14 +69,34 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_profile(profile: str | os.PathLike) -> dict:
-    """Load a profile file as a dict (``name`` is set to the profile's name)."""
+def load_profile(profile: str | os.PathLike, _chain: tuple = ()) -> dict:
+    """Load a profile file as a dict (``name`` is set to the profile's name).
+
+    A profile may start with ``extends: <profile>``: it is then the named profile (same folder) with this
+    file's settings merged over it section by section (:func:`deep_merge`: nested mappings merge, lists and
+    values replace, ``null`` keeps the base value) -- e.g. ``shapes-long`` = ``shapes`` with a longer RIS grid.
+    """
     path = profile_path(profile)
+    if path.resolve() in _chain:
+        raise ValueError(f"profile file {path}: 'extends' loops ({' -> '.join(p.stem for p in _chain)} -> {path.stem})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"profile file {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict) or "shared" not in data:
+    if not isinstance(data, dict):
+        raise ValueError(f"profile file {path} must be a mapping with a 'shared' section")
+    base = data.pop("extends", None)
+    if base is not None:  # a variant: the base profile's settings, overridden section by section
+        if not isinstance(base, str):
+            raise ValueError(f"profile file {path}: 'extends' must name another profile, got {base!r}")
+        base_path = Path(base) if Path(base).suffix in (".yaml", ".yml") else path.parent / f"{base}.yaml"
+        if not base_path.is_file():
+            raise FileNotFoundError(f"profile file {path}: 'extends: {base}' but {base_path} does not exist")
+        parent = load_profile(base_path, _chain + (path.resolve(),))
+        parent.pop("name", None)
+        parent.get("shared", {}).pop("profile", None)
+        data = deep_merge(parent, data)
+    if "shared" not in data:
         raise ValueError(f"profile file {path} must be a mapping with a 'shared' section")
     data.setdefault("name", path.stem)
     data["shared"].setdefault("profile", path.stem)

@@ -20,6 +20,37 @@ def test_step_config_merges_shared_section_and_overrides(tmp_path, monkeypatch):
         profiles.load_profile("nope")
 
 
+def test_extends_merges_the_base_profile_section_by_section(tmp_path, monkeypatch):
+    d = tmp_path / "papermill_runs"
+    d.mkdir()
+    (d / "base.yaml").write_text("shared: {seed: 1, note: base}\nris: {epochs: 2, lr: 0.1, experiments: {seeds: [0, 1], "
+                                 "workers: 2}}\ncaptions: {modes: [naive]}\n")
+    (d / "long.yaml").write_text("extends: base\nshared: {note: long}\nris: {epochs: 10, experiments: {seeds: [0, 1, 2]}}\n")
+    monkeypatch.setenv("PSEUDO_RIS_ROOT", str(tmp_path))
+    cfg = profiles.step_config("long", "ris")
+    assert cfg["epochs"] == 10 and cfg["lr"] == 0.1  # overridden / inherited
+    assert cfg["experiments"] == {"seeds": [0, 1, 2], "workers": 2}  # nested merge, lists replace
+    assert cfg["note"] == "long" and cfg["profile"] == "long" and cfg["seed"] == 1
+    assert profiles.step_config("long", "captions")["modes"] == ["naive"]
+    assert profiles.step_config("base", "ris")["epochs"] == 2  # the base is untouched
+    (d / "loop.yaml").write_text("extends: loop2\nshared: {}\n")
+    (d / "loop2.yaml").write_text("extends: loop\nshared: {}\n")
+    with pytest.raises(ValueError, match="'extends' loops"):
+        profiles.load_profile("loop")
+    (d / "orphan.yaml").write_text("extends: missing\nshared: {}\n")
+    with pytest.raises(FileNotFoundError, match="extends: missing"):
+        profiles.load_profile("orphan")
+
+
+def test_shapes_long_is_shapes_with_a_longer_grid():
+    short, long = profiles.step_config("shapes", "ris"), profiles.step_config("shapes-long", "ris")
+    assert long["epochs"] > short["epochs"] and len(long["experiments"]["seeds"]) >= 3
+    assert long["work_dir"] == short["work_dir"]  # steps 1-3 shared
+    assert long["experiments"]["runs_dir"] != short["experiments"].get("runs_dir", "ris")
+    same = {k for k in short if k not in ("epochs", "experiments", "note", "profile")}
+    assert {k: short[k] for k in same} == {k: long[k] for k in same}
+
+
 def test_parse_params():
     assert profiles.parse_params(["a.b=1", "c=x", "d=[1, 2]"]) == {"a": {"b": 1}, "c": "x", "d": [1, 2]}
     with pytest.raises(ValueError, match="key=value"):

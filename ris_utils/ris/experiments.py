@@ -85,6 +85,15 @@ def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: floa
     return Path(out_root)
 
 
+def runs_dir(cfg: dict) -> Path:
+    """Where the grid's runs go: ``<work_dir>/<experiments.runs_dir>`` (default ``ris``). A profile variant
+    that shares steps 1-3 with its base (same ``work_dir``) but trains differently names its own."""
+    name = (cfg.get("experiments") or {}).get("runs_dir") or "ris"
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"ris.experiments.runs_dir must be a folder name under work_dir, got {name!r}")
+    return Path(cfg["work_dir"]) / name
+
+
 def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     """The jobs of the grid from the ``ris`` settings (``experiments`` block) and the export layout.
 
@@ -101,7 +110,7 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     export_dir = work / "export"
     split_by = ex.get("split_by", "shapes")  # of the human refs (gt, gt10, mix); per style when eval_sets name one
     mix = ex.get("mix") or {"fraction": 0.1, "seed": 0}
-    runs = work / "ris"
+    runs = runs_dir(cfg)
     evals_by_style = {e["style"]: e for e in eval_sets}
     val = ex.get("val")  # {"dataset", "split_by"} of data_root used for the per-epoch curve
     val_spec = {"path": str(data_root), "dataset": val["dataset"], "split_by": val.get("split_by", split_by)} if val \
@@ -149,7 +158,7 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
 def job_key(job: Job, cfg: dict) -> str:
     """Identity of a job's results: its training set, style, seed, data and training settings -- not the
     folders (``work_dir``, ``out``), so a copy of the work folder or another checkout reuses finished jobs."""
-    skip = {"experiments", "step", "work_dir", "profile", "data_root"}
+    skip = {"experiments", "step", "work_dir", "profile", "data_root", "note"}
     d = asdict(job)
     d.pop("out")
     d["train_path"] = "/".join(Path(job.train_path).parts[-2:])
