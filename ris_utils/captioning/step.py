@@ -1,6 +1,7 @@
 """Step 2 as a pipeline step: caption candidates for every mask, written through the engine.
 
-``python -m ris_utils captions --masks DIR --out DIR --profile NAME [--mode naive|distinctive] [--param k=v]``
+``python -m ris_utils captions --masks DIR --out DIR --profile NAME [--mode naive|distinctive] [--workers W]
+[--param k=v]``
 
 For each image of a split: the masks (step 1's proposals from ``<work_dir>/masks/<split>/records.jsonl``,
 or with ``source: gt`` the shapes world's object masks), their 4 views (:mod:`ris_utils.crops`), and the
@@ -13,6 +14,9 @@ setting (:func:`ris_utils.captioning.generate_candidates`) - naive (plain sampli
                                    "candidates": [{"text", "view", "setting", "mode"}]}]}
 
 Masks with no pixel get an empty candidate list and do not count in N (the masks decoded together).
+
+:func:`run_caption_jobs` runs several split x mode (x seed) jobs in ``captions.workers`` processes, each
+captioning one engine shard of every job (same records as one process).
 
 :func:`distinct_rate` scores candidates on the shapes world (docs/DESIGN.md): each mask is matched to the
 ground-truth object of highest IoU (>= 0.5, else unmatched, reported apart); a candidate is distinct when
@@ -210,7 +214,8 @@ _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> C
 
 
 def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[dict] | None = None,
-                 out_dir=None, masks_dir=None, progress: bool = True) -> dict:
+                 out_dir=None, masks_dir=None, progress: bool = True, *, rank: int | None = None,
+                 world_size: int | None = None, merge_output: bool = True) -> dict:
     """Caption one split in one mode through the engine (resumable). Returns the engine summary + seconds.
 
     Arguments:
@@ -220,6 +225,8 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
       captioner: a loaded :class:`ris_utils.train_captioner.Captioner` (default: ``load_captioner(cfg)``).
       items: engine items (default: from ``masks_dir`` or, with ``source: gt``, the world's objects).
       out_dir: default ``<work_dir>/captions/<mode>/<split>``.
+      rank, world_size, merge_output: passed to :func:`ris_utils.engine.run` (one shard of the images,
+        merged later with ``engine.merge``; see :func:`run_caption_jobs`). Default: one process, merged.
     """
     from ris_utils import engine
     from ris_utils.captioning import CocaDecoder
@@ -251,11 +258,123 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
     with torch_threads(cfg.get("threads")):
         summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder),
                              out_dir, seed=st["seed"], desc=f"captions {mode} {split}", config=st,
-                             progress=progress)
+                             progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
     summary = dict(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out_dir"] = str(out_dir)
     return summary
+
+
+# ------------------------------------------------------------------------------------------ several jobs
+
+
+def _check_jobs(cfg: dict, jobs) -> list[dict]:
+    out, dirs = [], set()
+    for k, job in enumerate(jobs):
+        if not isinstance(job, dict) or "split" not in job or "mode" not in job:
+            raise ValueError(f"captions job {k}: a dict with 'split' and 'mode' expected, got {job!r}")
+        unknown = set(job) - {"split", "mode", "seed", "out_dir", "masks_dir"}
+        if unknown:
+            raise ValueError(f"captions job {k}: unknown keys {sorted(unknown)}")
+        if job["mode"] not in MODES:
+            raise ValueError(f"captions mode must be one of {MODES}, got {job['mode']!r}")
+        out_dir = _job_out_dir(cfg, job).resolve()
+        if out_dir in dirs:
+            raise ValueError(f"captions job {k}: output folder {out_dir} is also another job's")
+        dirs.add(out_dir)
+        out.append(dict(job))
+    return out
+
+
+def _job_cfg(cfg: dict, job: dict) -> dict:
+    return {**cfg, "seed": int(job["seed"])} if job.get("seed") is not None else cfg
+
+
+def _job_out_dir(cfg: dict, job: dict) -> Path:
+    return Path(job["out_dir"]) if job.get("out_dir") else output_dir(cfg, job["mode"], job["split"])
+
+
+def _run_job(cfg: dict, job: dict, captioner, progress: bool, **shard) -> dict:
+    return run_captions(_job_cfg(cfg, job), job["split"], job["mode"], captioner, out_dir=_job_out_dir(cfg, job),
+                        masks_dir=job.get("masks_dir"), progress=progress, **shard)
+
+
+def _caption_shard(cfg: dict, jobs: list[dict], rank: int, world_size: int, progress: bool) -> list[dict]:
+    """One worker of :func:`run_caption_jobs`: shard ``rank`` of every job, in order, with one captioner
+    (and so one decoder: its beam memo is kept across the jobs). Runs in a spawned process."""
+    import os
+
+    import torch
+
+    from ris_utils.train_captioner import load_captioner
+
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # the shards are merged by the parent, not a process group
+        os.environ.pop(key, None)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    captioner = load_captioner(cfg)
+    return [_run_job(cfg, job, captioner, progress, rank=rank, world_size=world_size, merge_output=False)
+            for job in jobs]
+
+
+def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progress: bool = True,
+                     captioner=None) -> list[dict]:
+    """Run several captions jobs (:func:`run_captions`), in ``workers`` processes. Returns one summary per job.
+
+    Arguments:
+      cfg: ``profiles.step_config(profile, "captions", ...)``.
+      jobs: ``[{"split", "mode", "seed" (optional: overrides cfg's), "out_dir" (optional),
+        "masks_dir" (optional)}]``.
+      workers: ``captions.workers``. 1 (or None/0): the jobs one after the other in this process, with
+        ``captioner`` (default: ``load_captioner(cfg)``, loaded once). W > 1: W spawned processes; process r
+        runs shard r (engine ``rank=r, world_size=W``) of every job in order, with its own
+        ``load_captioner(cfg)`` (``captioner`` is not used: pass ``workers=1`` for a captioner that is not
+        the one the profile names) and ``torch.set_num_threads(captions.threads)``; then the shards of each
+        job are merged here. The records are byte-identical whatever W (noise is keyed per image) and a
+        rerun resumes with any W. A worker's exception is raised here (with a note naming the worker).
+
+    Each summary is the engine's merged summary plus ``seconds`` (with W > 1: the slowest worker's time on
+    that job, ``seconds_by_rank`` lists them), ``out_dir`` and ``workers``.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from ris_utils import engine
+    from ris_utils.train_captioner import load_captioner
+
+    jobs = _check_jobs(cfg, jobs)
+    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
+        raise ValueError(f"captions.workers must be a positive int, got {workers!r}")
+    n = int(workers or 1)
+    if not jobs:
+        return []
+    if n <= 1:
+        captioner = captioner or load_captioner(cfg)
+        return [{**_run_job(cfg, job, captioner, progress), "workers": 1} for job in jobs]
+    if captioner is None and cfg.get("tokenizer", "shapes") != "open_clip":
+        # a shapes captioner whose checkpoint does not match the profile is trained on first use: do it
+        # once here (it is cached under the work dir), not once per worker (a given one was loaded already)
+        load_captioner(cfg)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_caption_shard, cfg, jobs, r, n, progress) for r in range(n)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
+        if failed:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()  # the others' finished images are committed; a rerun resumes
+            r, f = failed[0]
+            err = f.exception()
+            err.add_note(f"(raised in captions worker {r} of {n}; a rerun resumes the finished images)")
+            raise err
+        shards = [f.result() for f in futures]
+    out = []
+    for k, job in enumerate(jobs):
+        out_dir = _job_out_dir(cfg, job)
+        summary = dict(engine.merge(out_dir, step="captions"))
+        per_rank = [shards[r][k]["seconds"] for r in range(n)]
+        summary.update(seconds=max(per_rank), seconds_by_rank=per_rank, out_dir=str(out_dir), workers=n)
+        out.append(summary)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ distinct rate
@@ -407,24 +526,26 @@ def cli(argv: list[str] | None = None) -> int:
                     help="naive or distinctive (default: every mode of the profile's captions.modes)")
     ap.add_argument("--split", default=None, help="split name (default: every split of captions.splits)")
     ap.add_argument("--param", action="append", default=[], help="override, e.g. max_images=10 (repeatable)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes, each captioning a shard of every image list (default: captions.workers)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ris_utils.train_captioner import load_captioner
 
     cfg = profiles.step_config(args.profile, "captions", **profiles.parse_params(args.param))
     modes = [args.mode] if args.mode else list(cfg.get("modes") or MODES)
     splits = [args.split] if args.split else list(cfg.get("splits") or ["train"])
     if (args.masks or args.out) and len(splits) * len(modes) > 1 and args.out:
         raise SystemExit("--out names one folder: give --mode and --split too (or leave --out out)")
-    captioner = load_captioner(cfg)
-    for split in splits:
-        for mode in modes:
-            s = run_captions(cfg, split, mode, captioner, out_dir=args.out, masks_dir=args.masks)
-            print(f"captions {mode} {split}: {s['ok']} ok, {s['failed']} failed in {s['seconds']} s -> {s['out_dir']}")
+    workers = args.workers if args.workers is not None else cfg.get("workers", 1)
+    jobs = [{"split": split, "mode": mode, "out_dir": args.out, "masks_dir": args.masks}
+            for split in splits for mode in modes]
+    for job, s in zip(jobs, run_caption_jobs(cfg, jobs, workers)):
+        print(f"captions {job['mode']} {job['split']}: {s['ok']} ok, {s['failed']} failed in {s['seconds']} s "
+              f"-> {s['out_dir']}")
     return 0
 
 
 __all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt", "image_path",
            "show_masks", "gallery_table",
-           "caption_image", "run_captions", "output_dir", "candidate_table", "distinct_rate",
+           "caption_image", "run_captions", "run_caption_jobs", "output_dir", "candidate_table", "distinct_rate",
            "text_statistics", "cli", "MODES"]
