@@ -176,6 +176,7 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     """Train (resuming) and evaluate one job; returns ``{"job", "seconds", "evals": [paths], "skipped"}``."""
     import torch
 
+    from ris_utils.models import resolve_device
     from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
     from ris_utils.ris.train import train
 
@@ -199,12 +200,13 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
                 split_by=job.split_by, val_dataset=val["dataset"] if val else None,
                 val_split_by=val["split_by"] if val else None, progress=False)
     t_train = time.time() - t0
-    loaded = load_checkpoint(out / "last.pt")
+    device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
+    loaded = load_checkpoint(out / "last.pt", device)
     paths = []
     for ev in job.evals:
         for split in ev["splits"]:
             scores = evaluate_checkpoint(out / "last.pt", cfg["data_root"], split, ev["dataset"],
-                                         ev.get("split_by", "shapes"), loaded=loaded, device="cpu")
+                                         ev.get("split_by", "shapes"), loaded=loaded, device=device)
             scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
             p = out / "eval" / f"{ev['style']}.{split}.json"
             atomic_write(p, json.dumps(scores, indent=1))
