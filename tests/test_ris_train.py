@@ -93,3 +93,42 @@ def test_torchrun_two_processes_match_one(toy, tmp_path):
     cfg_ddp = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert cfg_ddp["world_size"] == 2
     assert single["epochs"] == 2
+
+
+class _ColourOracle(torch.nn.Module):
+    """Stub RIS model for the pick diagnostic: logits high where the pixel has the colour the sentence names
+    (``sign=-1``: the opposite, so it picks the other box)."""
+
+    def __init__(self, tok, sign: float = 1.0):
+        super().__init__()
+        from ris_utils.ris.dataset import _to_tensor_image
+        from ris_utils.ris.toy import COLORS
+
+        self.sign = sign
+        self.colour = {tok.encoder[c]: _to_tensor_image(torch.tensor(rgb, dtype=torch.uint8)[:, None, None])[:, 0, 0]
+                       for c, rgb in COLORS.items()}
+
+    def forward(self, img, tokens):
+        out = []
+        for x, t in zip(img, tokens):
+            rgb = next(self.colour[int(i)] for i in t if int(i) in self.colour)
+            d = (x - rgb[:, None, None]).norm(dim=0)
+            out.append(self.sign * (2.0 - 4.0 * d))
+        return torch.nn.functional.avg_pool2d(torch.stack(out)[:, None], 4)  # (B, 1, S/4, S/4) as CRIS
+
+
+def test_pick_accuracy_diagnostic(toy):
+    """pick_acc = the share of sentences whose referred object gets the highest mean probability: 1 for a
+    model that reads the colour word, 0 for one that picks the other box; chance = 1/2 (two boxes)."""
+    from ris_utils.ris.dataset import RisEvalSet, open_refer
+    from ris_utils.ris.train import build_tokenizer, evaluate_model
+
+    cfg = resolve_config(_cfg())
+    tok = build_tokenizer(cfg)
+    data = RisEvalSet(open_refer(toy, "toy", "toy"), "val", tok, 32, 8)
+    good = evaluate_model(_ColourOracle(tok), data, cfg, "cpu")
+    bad = evaluate_model(_ColourOracle(tok, -1.0), data, cfg, "cpu")
+    assert good["pick_n"] == bad["pick_n"] == len(data) > 0
+    assert good["pick_chance"] == pytest.approx(0.5)
+    assert good["pick_acc"] == 1.0 and bad["pick_acc"] == 0.0
+    assert good["mIoU"] > bad["mIoU"]

@@ -221,6 +221,26 @@ class RisEvalSet(_ReferBase):
     def gt_mask(self, i: int) -> np.ndarray:
         return self.refer.get_mask(self.refs[i])
 
+    def image_objects(self, i: int) -> list[tuple[int, np.ndarray]]:
+        """``[(ann_id, HxW bool mask)]`` of every annotated object in the image of ref ``i`` (the referred
+        one included), at the original size; the last few images are memoised (refs come image by image)."""
+        if not hasattr(self, "_anns_by_image"):
+            self._anns_by_image: dict[int, list[dict]] = {}
+            for a in self.refer.anns.values():
+                self._anns_by_image.setdefault(a["image_id"], []).append(a)
+            self._objects: dict[int, list] = {}
+        image_id = self.refs[i]["image_id"]
+        if image_id not in self._objects:
+            from ris_utils.data.refer import decode_segmentation
+
+            info = self.refer.imgs[image_id]
+            if len(self._objects) >= 8:
+                self._objects.pop(next(iter(self._objects)))
+            self._objects[image_id] = [
+                (a["id"], decode_segmentation(a["segmentation"], info["height"], info["width"]).astype(bool))
+                for a in sorted(self._anns_by_image.get(image_id, []), key=lambda a: a["id"])]
+        return self._objects[image_id]
+
 
 def open_refer(path, dataset=None, split_by=None) -> ReferData:
     root, ds, sb = resolve_refer(path, dataset, split_by)

@@ -384,7 +384,13 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
                    keep_predictions: int = 0) -> dict:
     """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
     size: sigmoid -> :func:`unletterbox` -> ``> threshold`` (CRIS). ``keep_predictions`` > 0 also returns
-    the first that many ``(ref_index, sent_index, HxW bool prediction)`` under ``"predictions"``."""
+    the first that many ``(ref_index, sent_index, HxW bool prediction)`` under ``"predictions"``.
+
+    (ours, a diagnostic) ``pick_acc``: over sentences whose image has >= 2 annotated objects (``pick_n``), the
+    share where the referred object gets the highest mean probability among the image's objects -- whether the
+    model picks the right object at all, independent of the threshold and of mask quality (chance = 1 / the
+    number of objects). A model that segments objects but cannot yet ground the words scores low mIoU AND a
+    pick accuracy near chance; one that grounds but draws coarse masks scores high pick accuracy."""
     from ris_utils.metrics import RisEvaluator
     from ris_utils.ris.dataset import unletterbox
 
@@ -396,6 +402,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.get("eval_batch_size", 64), shuffle=False,
                                          collate_fn=collate, num_workers=0)
     thr = float(cfg.get("threshold", 0.35))
+    picks, chance = [], []
     for batch in loader:
         prob = torch.sigmoid(model(batch["img"].to(device), batch["tokens"].to(device)))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
@@ -404,10 +411,19 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
             pred = (full > thr).numpy()
             iou = ev.update(full.numpy() if convention == "cris" else pred, gt)
             ious.append(float(iou[0]))
+            objs = data.image_objects(i)
+            if len(objs) >= 2:
+                fnp = full.numpy()
+                best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].any() else -1.0)[0]
+                picks.append(best == data.refs[i]["ann_id"])
+                chance.append(1.0 / len(objs))
             if len(kept) < keep_predictions:
                 kept.append((i, j, pred))
     model.train(was_training)
     out = ev.compute()
+    out["pick_acc"] = float(np.mean(picks)) if picks else None
+    out["pick_chance"] = float(np.mean(chance)) if chance else None
+    out["pick_n"] = len(picks)
     if keep_predictions:
         out["predictions"] = kept
         out["ious"] = ious
