@@ -14,6 +14,17 @@ The last three are trained per style. Each job writes ``<out>/last.pt`` (trainin
 ``<out>/eval/<style>.<split>.json`` with the scores and ``trainset``, ``style``, ``seed``. Jobs run in a
 process pool (``workers``, one torch thread each: on a shared CPU this beats one process with several
 threads); a job whose evaluation files exist for the same settings is skipped.
+
+Eval sets (``ris.experiments.eval_sets``: ``{style, dataset, split_by, splits}``) may also carry
+
+- ``data_root``: the REFER root of that benchmark (relative paths are resolved against the project root, as
+  the profile's own paths), e.g. the converted PhraseCut of notebook 00; default: the profile's data_root.
+- ``eval_only: true``: an evaluation-only benchmark (the paper's zero-shot unseen domain): no ``gt`` /
+  ``gt10`` / ``gt10+pseudo`` row is trained on that style; only the style-free pseudo rows are scored on it.
+  Such a set is not part of a job's key (it does not change training): a finished job gets its missing
+  eval-only scores added later without retraining (each such file carries an ``eval_key``).
+- ``optional: true``: when its refs file ``<data_root>/<dataset>/refs(<split_by>).p`` is missing,
+  :func:`plan` leaves the set out with a warning instead of failing later.
 """
 
 from __future__ import annotations
@@ -45,7 +56,8 @@ class Job:
     train_dataset: str | None
     split_by: str | None
     out: str
-    evals: list = field(default_factory=list)   # [{"style", "dataset", "split_by", "splits"}]
+    evals: list = field(default_factory=list)   # [{"style", "dataset", "split_by", "splits"} (+ data_root,
+                                                #   eval_only, optional: see the module docstring)]
     val: dict | None = None                      # {"path", "dataset", "split_by"} for the per-epoch curve
 
     @property
@@ -94,17 +106,49 @@ def runs_dir(cfg: dict) -> Path:
     return Path(cfg["work_dir"]) / name
 
 
+_NEW_EVAL_KEYS = ("data_root", "eval_only", "optional")
+
+
+def _resolve_eval_set(e: dict) -> dict:
+    """``e`` with a relative ``data_root`` made absolute (project root, as :func:`ris_utils.profiles.resolve_paths`);
+    an eval set without ``data_root`` is returned unchanged."""
+    if e.get("data_root") is None:
+        return e
+    from ris_utils.profiles import resolve_paths
+
+    return {**e, "data_root": resolve_paths({"data_root": str(e["data_root"])})["data_root"]}
+
+
+def _refs_missing(e: dict, data_root) -> Path | None:
+    """The refs file of eval set ``e`` when it does not exist, else None."""
+    from ris_utils.data.refer import refs_path
+
+    p = refs_path(e.get("data_root") or data_root, e["dataset"], e.get("split_by", "shapes"))
+    return None if p.is_file() else p
+
+
 def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     """The jobs of the grid from the ``ris`` settings (``experiments`` block) and the export layout.
 
-    Missing pseudo exports are skipped with a warning (rows stay empty in the tables).
+    Missing pseudo exports are skipped with a warning (rows stay empty in the tables), and so are
+    ``optional`` eval sets whose refs file is missing; ``eval_only`` styles get no gt / gt10 / gt10+pseudo job.
     """
     ex = cfg.get("experiments") or {}
     trainsets = list(trainsets or ex.get("trainsets") or ALL_TRAINSETS)
     seeds = [int(s) for s in (seeds or ex.get("seeds") or [0, 1])]
     # paper profiles keep ris.eval_sets = [{dataset, split_by, splits}] (the benchmark = the style)
-    eval_sets = [{"style": e.get("style", e["dataset"]), **e} for e in (ex.get("eval_sets") or cfg.get("eval_sets") or [])]
-    styles = list(styles or ex.get("styles") or [e["style"] for e in eval_sets])
+    eval_sets = [_resolve_eval_set({"style": e.get("style", e["dataset"]), **e})
+                 for e in (ex.get("eval_sets") or cfg.get("eval_sets") or [])]
+    left_out = set()
+    for e in [e for e in eval_sets if e.get("optional")]:
+        missing = _refs_missing(e, cfg["data_root"])
+        if missing is not None:
+            logger.warning("optional eval set %s: %s is missing (run notebook 00 with the data it needs); "
+                           "not evaluated", e["style"], missing)
+            left_out.add(e["style"])
+    eval_sets = [e for e in eval_sets if e["style"] not in left_out]
+    eval_only = {e["style"] for e in eval_sets if e.get("eval_only")} | left_out
+    styles = [s for s in (styles or ex.get("styles") or [e["style"] for e in eval_sets]) if s not in left_out]
     data_root = Path(cfg["data_root"])
     work = Path(cfg["work_dir"])
     export_dir = work / "export"
@@ -129,6 +173,8 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                                 [evals_by_style[s] for s in styles if s in evals_by_style], val_spec))
                 continue
             for style in styles:
+                if style in eval_only:  # evaluation-only benchmark: no human refs are trained on
+                    continue
                 split_by = evals_by_style.get(style, {}).get("split_by", ex.get("split_by", "shapes"))
                 out = runs / ts / style / f"seed{seed}"
                 ev = [evals_by_style[style]] if style in evals_by_style else []
@@ -164,7 +210,39 @@ def job_key(job: Job, cfg: dict) -> str:
     d["train_path"] = "/".join(Path(job.train_path).parts[-2:])
     if d.get("val"):
         d["val"] = {k: v for k, v in d["val"].items() if k != "path"}
+    if any(k in e for e in d["evals"] for k in _NEW_EVAL_KEYS):  # eval sets without these keys: as before
+        d["evals"] = [_eval_identity(e) for e in d["evals"] if not e.get("eval_only")]
     return _hash({"job": d, "cfg": {k: v for k, v in cfg.items() if k not in skip}, "seed": int(job.seed)})
+
+
+def _eval_identity(e: dict) -> dict:
+    """An eval set as it enters a key: ``data_root`` by its last two path parts (not the checkout's folder),
+    without ``optional`` (which only decides whether the set is planned)."""
+    out = {k: v for k, v in e.items() if k != "optional"}
+    if out.get("data_root") is not None:
+        out["data_root"] = "/".join(Path(out["data_root"]).parts[-2:])
+    return out
+
+
+def _eval_key(key: str, ev: dict, split: str) -> str:
+    return _hash({"job": key, "eval": _eval_identity(ev), "split": split})
+
+
+def _pending_eval_only(job: Job, out: Path, key: str) -> list[tuple[dict, str]]:
+    """(eval set, split) pairs of the job's eval-only sets whose score file is missing or of other settings."""
+    todo = []
+    for ev in job.evals:
+        if not ev.get("eval_only"):
+            continue
+        for split in ev["splits"]:
+            p = out / "eval" / f"{ev['style']}.{split}.json"
+            try:
+                ok = json.loads(p.read_text()).get("eval_key") == _eval_key(key, ev, split)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                todo.append((ev, split))
+    return todo
 
 
 def _train_settings(cfg: dict, seed: int) -> dict:
@@ -176,8 +254,6 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     """Train (resuming) and evaluate one job; returns ``{"job", "seconds", "evals": [paths], "skipped"}``."""
     import torch
 
-    from ris_utils.models import resolve_device
-    from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
     from ris_utils.ris.train import train
 
     job = Job(**job) if isinstance(job, dict) else job
@@ -188,7 +264,17 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     key = job_key(job, cfg)
     done = out / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == key:
-        return {**json.loads(done.read_text()), "skipped": True}
+        summary = json.loads(done.read_text())
+        todo = _pending_eval_only(job, out, key)
+        if not todo or not (out / "last.pt").is_file():
+            return {**summary, "skipped": True}
+        # trained already; an eval-only benchmark was added (or changed) since: score it, do not retrain
+        t0 = time.time()
+        paths = _evaluate(job, cfg, out, key, todo)
+        summary["evals"] = [*summary.get("evals", []), *(p for p in paths if p not in summary.get("evals", []))]
+        summary["eval_only_seconds"] = round(time.time() - t0, 1)
+        done.write_text(json.dumps(summary, indent=1))
+        return {**summary, "skipped": False}
     keyfile = out / "key.txt"
     if (out / "last.pt").is_file() and (not keyfile.is_file() or keyfile.read_text() != key):
         (out / "last.pt").unlink()  # a checkpoint of other settings: start over (same settings: resume)
@@ -200,21 +286,32 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
                 split_by=job.split_by, val_dataset=val["dataset"] if val else None,
                 val_split_by=val["split_by"] if val else None, progress=False)
     t_train = time.time() - t0
-    device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
-    loaded = load_checkpoint(out / "last.pt", device)
-    paths = []
-    for ev in job.evals:
-        for split in ev["splits"]:
-            scores = evaluate_checkpoint(out / "last.pt", cfg["data_root"], split, ev["dataset"],
-                                         ev.get("split_by", "shapes"), loaded=loaded, device=device)
-            scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
-            p = out / "eval" / f"{ev['style']}.{split}.json"
-            atomic_write(p, json.dumps(scores, indent=1))
-            paths.append(str(p))
+    paths = _evaluate(job, cfg, out, key, [(ev, split) for ev in job.evals for split in ev["splits"]])
     summary = {"key": key, "job": job.name, "train_seconds": round(t_train, 1),
                "seconds": round(time.time() - t0, 1), "evals": paths, "history": res["history"]}
     done.write_text(json.dumps(summary, indent=1))
     return {**summary, "skipped": False}
+
+
+def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, str]]) -> list[str]:
+    """Score ``out/last.pt`` on each (eval set, split) of ``todo``, each on the set's own ``data_root`` when it
+    names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
+    from ris_utils.models import resolve_device
+    from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
+
+    device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
+    loaded = load_checkpoint(out / "last.pt", device)
+    paths = []
+    for ev, split in todo:
+        scores = evaluate_checkpoint(out / "last.pt", ev.get("data_root") or cfg["data_root"], split, ev["dataset"],
+                                     ev.get("split_by", "shapes"), loaded=loaded, device=device)
+        scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
+        if ev.get("eval_only"):
+            scores["eval_key"] = _eval_key(key, ev, split)
+        p = out / "eval" / f"{ev['style']}.{split}.json"
+        atomic_write(p, json.dumps(scores, indent=1))
+        paths.append(str(p))
+    return paths
 
 
 def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True) -> list[dict]:
