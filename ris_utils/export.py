@@ -259,27 +259,33 @@ def load_export(out_dir, card: dict | None = None) -> refer.ReferData:
 
 
 def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", scorer=None, captions_cfg=None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, workers: int | None = None) -> dict:
     """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train).
 
     Each entry ``{name: {mode, filtered}}``: ``filtered: false`` exports every candidate of
     ``<work_dir>/captions/<mode>/<split>``; ``filtered: true`` filters it first
-    (``<work_dir>/filter/<mode>/<split>``, :func:`ris_utils.filtering.filter_split`) and exports the
-    survivors. With ``captions_cfg`` (``step_config(profile, "captions")``) missing captions are generated
-    first. Returns ``{name: dataset card}``.
+    (``<work_dir>/filter/<mode>/<split>``; one :func:`ris_utils.filtering.filter_jobs` call for every
+    filtered mode, in ``workers`` processes, default ``filter.workers`` or 1) and exports the survivors.
+    With ``captions_cfg`` (``step_config(profile, "captions")``) missing captions are generated first.
+    Returns ``{name: dataset card}``.
     """
-    from ris_utils.filtering import ensure_captions, filter_split, images_dir_of, step_dirs
+    from ris_utils.filtering import ensure_captions, filter_jobs, images_dir_of, step_dirs
 
     sets = export_cfg.get("trainsets") or {}
     if not sets:
         raise ValueError("export.trainsets is empty: name at least one {name: {mode, filtered}}")
+    workers = filter_cfg.get("workers", 1) if workers is None else workers
+    modes = list(dict.fromkeys(spec.get("mode") for spec in sets.values() if spec.get("filtered")))
+    fdirs = dict(zip(modes, filter_jobs(filter_cfg, captions_cfg or {"seed": 0},
+                                        [{"mode": m, "split": split} for m in modes], workers, scorer=scorer,
+                                        progress=progress)))
     cards = {}
     work = Path(export_cfg["work_dir"])
     for name, spec in sets.items():
         mode, filtered = spec.get("mode"), bool(spec.get("filtered"))
         cdir, _ = step_dirs(work, mode, split, 0, 0)
         if filtered:
-            src = filter_split(filter_cfg, captions_cfg or {"seed": 0}, mode, split, scorer=scorer, progress=progress)
+            src = fdirs[mode]
         else:
             src = cdir if captions_cfg is None else ensure_captions(captions_cfg, cdir, mode, split,
                                                                     int(captions_cfg.get("seed", 0)),

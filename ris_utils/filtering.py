@@ -32,6 +32,8 @@ The step is run by :func:`run_filter` through the resumable engine (``ris_utils.
 ``<out>/records.jsonl``, the captions body with, per candidate, ``"noun", "noun_scores": [per mask],
 "caption_scores": [per mask], "doc", "keep"`` and, per mask, ``"survivors": [candidate indices]`` (after
 the fallback), ``"fallback"`` (``None`` or the rule applied) and ``"dropped"`` (``None`` or the reason).
+:func:`filter_jobs` runs several mode / split / seed jobs in ``filter.workers`` processes, each filtering one
+engine shard of every job (same records as one process).
 """
 
 from __future__ import annotations
@@ -177,6 +179,110 @@ def filter_split(cfg: dict, captions_cfg: dict, mode: str, split: str, seed: int
     ensure_captions(captions_cfg, cdir, mode, split, seed, captioner, progress)
     run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress)
     return fdir
+
+
+def _check_filter_jobs(jobs) -> list[dict]:
+    out = []
+    for k, job in enumerate(jobs):
+        if not isinstance(job, dict) or "mode" not in job or "split" not in job:
+            raise ValueError(f"filter job {k}: a dict with 'mode' and 'split' expected, got {job!r}")
+        unknown = set(job) - {"mode", "split", "seed"}
+        if unknown:
+            raise ValueError(f"filter job {k}: unknown keys {sorted(unknown)}")
+        out.append(dict(job))
+    return out
+
+
+def _filter_shard(cfg: dict, dirs: list[tuple[str, str]], rank: int, world_size: int, progress: bool) -> list[dict]:
+    """One worker of :func:`filter_jobs`: shard ``rank`` of every (captions, filter) folder pair, in order,
+    with one scorer. Runs in a spawned process."""
+    import torch
+
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # the shards are merged by the parent, not a process group
+        os.environ.pop(key, None)
+    torch.set_num_threads(int(cfg.get("threads") or max(1, (os.cpu_count() or 1) // world_size)))
+    scorer = make_scorer(cfg)
+    return [run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress, rank=rank, world_size=world_size,
+                       merge_output=False) for cdir, fdir in dirs]
+
+
+def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | None = 1,
+                scorer: ClipScorer | None = None, captioner=None, progress: bool = True) -> list[Path]:
+    """Filter several mode / split / caption-seed jobs (:func:`filter_split`) in ``workers`` processes.
+
+    Arguments:
+      cfg: ``profiles.step_config(profile, "filter")``. captions_cfg: as for :func:`filter_split`.
+      jobs: ``[{"mode", "split", "seed" (optional: default the captions seed)}]``.
+      workers: ``filter.workers``. 1 (or None/0): :func:`filter_split` for each job in turn, in this process,
+        with ``scorer`` (default: ``make_scorer(cfg)``, built once) and ``captioner`` (loaded once when some
+        captions are missing). W > 1: the missing captions are written first, here, by
+        :func:`ris_utils.captioning.step.run_caption_jobs` (with ``captions.workers`` processes); then W
+        spawned processes, process r filtering shard r (engine ``rank=r, world_size=W``) of every job in
+        order with its own ``make_scorer(cfg)`` (``scorer`` is not used: pass ``workers=1`` for a scorer the
+        profile does not describe) and ``torch.set_num_threads(filter.threads)`` (unset: cores / W); the
+        shards of each job are then merged here. The records are byte-identical whatever W (the fallback
+        draw is seeded per image) and a rerun resumes with any W. A worker's exception is raised here (with
+        a note naming the worker).
+    Returns:
+      the filter folder of each job (:func:`step_dirs`), in the order of ``jobs``.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    from ris_utils import engine
+
+    jobs = _check_filter_jobs(jobs)
+    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
+        raise ValueError(f"filter.workers must be a positive int, got {workers!r}")
+    n = int(workers or 1)
+    base = int(captions_cfg.get("seed", 0))
+    seeds = [base if job.get("seed") is None else int(job["seed"]) for job in jobs]
+    dirs = [step_dirs(cfg["work_dir"], job["mode"], job["split"], s, base) for job, s in zip(jobs, seeds)]
+    fdirs = [f.resolve() for _, f in dirs]
+    if len(set(fdirs)) != len(fdirs):
+        raise ValueError("filter jobs: two jobs name the same mode / split / seed (the same filter folder)")
+    if not jobs:
+        return []
+    missing = [k for k, (cdir, _) in enumerate(dirs) if not (cdir / engine.RECORDS).is_file()]
+    if n <= 1:
+        scorer = scorer or make_scorer(cfg)
+        if missing and captioner is None:
+            from ris_utils.train_captioner import load_captioner
+
+            captioner = load_captioner(captions_cfg)
+        return [filter_split(cfg, captions_cfg, job["mode"], job["split"], s, scorer, captioner, progress)
+                for job, s in zip(jobs, seeds)]
+    if missing:  # every captions folder complete BEFORE the filter workers read it (sharded, merged)
+        from ris_utils.captioning.step import run_caption_jobs
+
+        logger.info("filter: no captions for %d job(s), running the captions step first", len(missing))
+        cjobs = [{"split": jobs[k]["split"], "mode": jobs[k]["mode"], "seed": seeds[k], "out_dir": str(dirs[k][0])}
+                 for k in missing]
+        run_caption_jobs(captions_cfg, cjobs, workers=captions_cfg.get("workers", 1), progress=progress,
+                         captioner=captioner)
+    ckpt = (cfg.get("clip") or {}).get("checkpoint")
+    if ckpt and (cfg.get("clip") or {}).get("train_if_missing"):
+        from ris_utils.profiles import project_root
+
+        if not (Path(ckpt) if Path(ckpt).is_absolute() else project_root() / ckpt).is_file():
+            make_scorer(cfg)  # trains the missing CLIP once here, not once per worker
+    pairs = [(str(c), str(f)) for c, f in dirs]
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_filter_shard, cfg, pairs, r, n, progress) for r in range(n)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
+        if failed:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()  # the others' finished images are committed; a rerun resumes
+            r, f = failed[0]
+            err = f.exception()
+            err.add_note(f"(raised in filter worker {r} of {n}; a rerun resumes the finished images)")
+            raise err
+        for f in futures:
+            f.result()
+    for _, fdir in dirs:
+        engine.merge(fdir, step="filter")
+    return [f for _, f in dirs]
 
 
 # --------------------------------------------------------------------------- CLIP
@@ -434,12 +540,15 @@ def images_dir_of(cfg: dict) -> Path | None:
     return None
 
 
-def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = None, progress: bool = True) -> dict:
+def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = None, progress: bool = True, *,
+               rank: int | None = None, world_size: int | None = None, merge_output: bool = True) -> dict:
     """Filter every image of ``candidates_dir/records.jsonl`` into ``out_dir`` (resumable engine run).
 
     ``cfg`` keys: ``clip`` (see :func:`build_clip`), ``fallback``, ``nonpositive``, ``noun_prompt``, ``fill``,
     ``logit_scale``, ``head_noun``, ``images`` (image folder; default ``<data_root>/images``), ``seed``.
     Returns the engine's summary. Captions records with status ``error`` become error records.
+    ``rank``, ``world_size``, ``merge_output`` are passed to :func:`ris_utils.engine.run` (one shard of the
+    images, merged later with ``engine.merge``; see :func:`filter_jobs`). Default: one process, merged.
     """
     from ris_utils import engine
     from ris_utils.images import load_image_rgb
@@ -470,7 +579,7 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     settings["candidates"] = str(candidates_dir)
     with torch_threads(cfg.get("threads")):
         return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
-                          progress=progress)
+                          progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
 
 
 # --------------------------------------------------------------------------- analysis (notebook 03)
@@ -566,5 +675,5 @@ def cli_filter(argv: list[str] | None = None) -> int:
 cli = cli_filter
 
 __all__ = ["degree_of_distinctiveness", "select_survivors", "apply_fallback", "ClipScorer", "build_clip",
-           "make_scorer", "filter_record", "run_filter", "filter_split", "ensure_captions", "step_dirs", "distinct_rates", "candidate_frame", "sampling_kind",
-           "cli_filter"]
+           "make_scorer", "filter_record", "run_filter", "filter_split", "filter_jobs", "ensure_captions", "step_dirs",
+           "distinct_rates", "candidate_frame", "sampling_kind", "cli_filter"]
