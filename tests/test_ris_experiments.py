@@ -31,3 +31,20 @@ def test_job_key_follows_training_settings_not_notes_or_folders(tmp_path):
     assert experiments.job_key(job, {**cfg, "work_dir": "/elsewhere"}) == key
     assert experiments.job_key(job, {**cfg, "epochs": 3}) != key
     assert experiments.job_key(experiments.plan(cfg)[1], cfg) != key  # the seed
+
+
+def test_job_cost_orders_by_training_and_evaluation_size(tmp_path):
+    from ris_utils.ris.toy import make_toy_refer
+
+    big = make_toy_refer(tmp_path / "big", n_images=12)
+    small = make_toy_refer(tmp_path / "small", n_images=4)
+    ev = {"style": "toy", "dataset": "toy", "split_by": "toy", "splits": ["val"]}
+    cfg = {"data_root": str(big), "epochs": 2}
+
+    def job(path, evals):
+        return experiments.Job("gt", "toy", 0, str(path), "toy", "toy", str(tmp_path / "o"), evals)
+
+    c_big, c_small = experiments.job_cost(job(big, []), cfg), experiments.job_cost(job(small, []), cfg)
+    assert c_big == 3 * 2 * 12 and c_small == 3 * 2 * 4  # 2 boxes per image, half the images in train
+    assert experiments.job_cost(job(small, [ev]), cfg) == c_small + 24  # on data_root (big): 12 val refs x 2 sentences
+    assert experiments.job_cost(job(tmp_path / "missing", []), cfg) == 0  # unknown size: no error

@@ -314,8 +314,35 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
     return paths
 
 
+def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
+    """Rough cost of a job in forward passes: training samples (train refs x epochs, a training step costing
+    ~3 forwards) + evaluated sentences. Used only to order the pool's queue (:func:`run_jobs`)."""
+    from ris_utils.data.refer import select_split
+    from ris_utils.ris.dataset import open_refer
+
+    cache = {} if _refs is None else _refs
+
+    def refs(path, dataset, split_by):
+        k = (str(path), dataset, split_by)
+        if k not in cache:
+            try:
+                cache[k] = open_refer(path, dataset, split_by).refs
+            except (OSError, ValueError, KeyError):
+                cache[k] = []
+        return cache[k]
+
+    n_train = len(select_split(refs(job.train_path, job.train_dataset, job.split_by), "train"))
+    n_eval = sum(len(r["sentences"]) for ev in job.evals for sp in ev["splits"]
+                 for r in select_split(refs(ev.get("data_root") or cfg["data_root"], ev["dataset"],
+                                            ev.get("split_by", "shapes")), sp))
+    return 3.0 * n_train * float(cfg.get("epochs", 1)) + n_eval
+
+
 def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True) -> list[dict]:
-    """Run ``jobs`` (in a spawn process pool when ``workers`` > 1); results in the order of ``jobs``."""
+    """Run ``jobs`` (in a spawn process pool when ``workers`` > 1); results in the order of ``jobs``.
+
+    With several workers the queue is ordered longest job first (:func:`job_cost`), so the pool does not end
+    with one long job running alone (each job's result does not depend on the order)."""
     from tqdm.auto import tqdm
 
     if workers <= 1 or len(jobs) <= 1:
@@ -323,9 +350,14 @@ def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    cache: dict = {}
+    order = sorted(range(len(jobs)), key=lambda i: -job_cost(jobs[i], cfg, cache))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(run_job, asdict(j), cfg) for j in jobs]
-        return [f.result() for f in tqdm(futs, desc="ris jobs", disable=not progress)]
+        futs = {i: pool.submit(run_job, asdict(jobs[i]), cfg) for i in order}
+        results = {}
+        for i in tqdm(order, desc="ris jobs", disable=not progress):
+            results[i] = futs[i].result()
+        return [results[i] for i in range(len(jobs))]
 
 
 def collect(runs_dir) -> list[dict]:
@@ -334,5 +366,6 @@ def collect(runs_dir) -> list[dict]:
     for p in sorted(Path(runs_dir).glob("*/*/seed*/eval/*.json")):
         d = json.loads(p.read_text())
         rows.append({k: d.get(k) for k in ("trainset", "style", "split", "seed", "train_style", "mIoU", "oIoU",
-                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n")} | {"path": str(p)})
+                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n", "pick_acc", "pick_chance")}
+                    | {"path": str(p)})
     return rows
