@@ -46,3 +46,16 @@ def test_paper_comparison_never_invents():
     assert pr["paper"].isna().all() and pr["difference"].isna().all()
     assert all(isinstance(s, str) and s for s in comp["source"])
     assert not any(isinstance(v, float) and math.isnan(v) for v in comp[comp.row == "global_local_clip"]["paper"])
+
+
+def test_pick_accuracy_is_summarised_when_measured():
+    rows = _rows()
+    for r in rows:  # pseudo_ris picks better than naive; gt rows carry no pick diagnostic (older files)
+        r.update(pick_acc={"pseudo_ris": 0.6 + 0.1 * r["seed"], "naive": 0.3}.get(r["trainset"]), pick_chance=0.25)
+    s = tables.summary_frame(tables.results_frame(rows))
+    keys = tables.metric_keys(s)
+    assert keys["ris.pseudo_ris.shapes.val.pick_acc"] == pytest.approx(0.65)
+    assert keys["ris.naive.shapes.val.pick_acc_std"] == pytest.approx(0.0)
+    assert keys["ris.gt.shapes.val.pick_chance"] == pytest.approx(0.25)
+    assert "ris.gt.shapes.val.pick_acc" not in keys  # not measured: no key (not a 0 or NaN)
+    assert "pick_acc" not in tables.summary_frame(tables.results_frame(_rows())).columns

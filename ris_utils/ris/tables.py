@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 ROW_ORDER = ("naive", "distinctive", "pseudo_ris", "gt", "gt10", "gt10+pseudo")
+PICK_COLUMNS = ("pick_acc", "pick_chance")  # the evaluation's object-pick diagnostic (ris.train.evaluate_model)
 ROW_LABELS = {"naive": "naive captions", "distinctive": "+ distinctive sampling",
               "pseudo_ris": "+ filtering (Pseudo-RIS)", "gt": "ground truth (fully supervised)",
               "gt10": "10% ground truth", "gt10+pseudo": "10% ground truth + Pseudo-RIS"}
@@ -31,22 +32,28 @@ def results_frame(rows: list[dict]):
 
 
 def summary_frame(df):
-    """Mean, std (over seeds, ddof=0) and seed count per (trainset, style, split) for mIoU and oIoU."""
+    """Mean, std (over seeds, ddof=0) and seed count per (trainset, style, split) for mIoU and oIoU (and the
+    pick accuracy diagnostic ``pick_acc`` / its chance level ``pick_chance`` when the records carry them)."""
     import pandas as pd
 
     if df.empty:
         return pd.DataFrame()
-    g = df.groupby(["trainset", "style", "split"])[["mIoU", "oIoU"]]
+    cols = ["mIoU", "oIoU"] + [c for c in PICK_COLUMNS if c in df and df[c].notna().any()]
+    g = df.groupby(["trainset", "style", "split"])[cols]
     std = g.std(ddof=0).add_suffix("_std")
     out = g.mean().join(std).join(g.size().rename("n_seeds"))
     return out.reset_index()
 
 
 def metric_keys(summary) -> dict:
-    """``{"ris.<trainset>.<style>.<split>.<metric>": mean, ..._std: std}`` for every cell of the table."""
+    """``{"ris.<trainset>.<style>.<split>.<metric>": mean, ..._std: std}`` for every cell of the table
+    (metric: mIoU, oIoU, and pick_acc / pick_chance where measured)."""
     out = {}
+    metrics = ["mIoU", "oIoU"] + [c for c in PICK_COLUMNS if c in getattr(summary, "columns", ())]
     for r in summary.itertuples(index=False):
-        for m in ("mIoU", "oIoU"):
+        for m in metrics:
+            if m in PICK_COLUMNS and math.isnan(float(getattr(r, m))):
+                continue
             base = f"ris.{r.trainset}.{r.style}.{r.split}.{m}"
             out[base] = float(getattr(r, m))
             std = float(getattr(r, f"{m}_std"))
