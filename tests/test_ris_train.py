@@ -132,3 +132,44 @@ def test_pick_accuracy_diagnostic(toy):
     assert good["pick_chance"] == pytest.approx(0.5)
     assert good["pick_acc"] == 1.0 and bad["pick_acc"] == 0.0
     assert good["mIoU"] > bad["mIoU"]
+
+
+def test_evaluation_encodes_each_image_once_with_the_same_scores(toy):
+    """Sentences about one image share one image encoding in evaluation: same scores as encoding per sentence."""
+    from ris_utils.ris.dataset import RisEvalSet, open_refer
+    from ris_utils.ris.train import build_tokenizer, evaluate_model, make_model
+
+    cfg = resolve_config(_cfg(model_args={"fpn_out": [32, 64, 128], "num_layers": 1, "num_heads": 4,
+                                          "dim_ffn": 64, "dropout": 0.0}))
+    tok = build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = make_model(cfg, tok).eval()
+    data = RisEvalSet(open_refer(toy, "toy", "toy"), "val", tok, cfg["input_size"], cfg["word_len"])
+    calls = []
+
+    class PerSentence(torch.nn.Module):  # no encode_image: the plain path
+        def forward(self, img, tokens):
+            calls.append(len(img))
+            return model(img, tokens)
+
+    shared_calls = []
+    enc = model.backbone.encode_image
+    model.backbone.encode_image = lambda img: (shared_calls.append(len(img)), enc(img))[1]
+    shared = evaluate_model(model, data, {**cfg, "eval_batch_size": 8}, "cpu", keep_predictions=len(data))
+    model.backbone.encode_image = enc
+    plain = evaluate_model(PerSentence(), data, {**cfg, "eval_batch_size": 8}, "cpu", keep_predictions=len(data))
+    assert sum(calls) == len(data) and sum(shared_calls) < len(data)  # fewer images encoded
+    assert shared["ious"] == pytest.approx(plain["ious"], abs=1e-6)
+    assert shared["mIoU"] == pytest.approx(plain["mIoU"], abs=1e-6)
+
+
+def test_evaluate_checkpoint_max_refs_scores_the_first_refs_only(toy, tmp_path):
+    from ris_utils.ris.evaluate import evaluate_checkpoint
+
+    train(_cfg(epochs=1), toy, tmp_path / "run", train_dataset="toy", split_by="toy", progress=False)
+    full = evaluate_checkpoint(tmp_path / "run", toy, "val", "toy", "toy", device="cpu", keep_predictions=100)
+    few = evaluate_checkpoint(tmp_path / "run", toy, "val", "toy", "toy", device="cpu", keep_predictions=100,
+                              max_refs=3)
+    assert full["n_refs"] == 16 and few["n_refs"] == 3
+    assert [p[:2] for p in few["predictions"]] == [p[:2] for p in full["predictions"][:6]]  # 2 sentences per ref
+    assert few["ious"] == pytest.approx(full["ious"][:6], abs=1e-6)

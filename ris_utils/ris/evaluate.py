@@ -45,11 +45,13 @@ def load_checkpoint(path, device="cpu"):
 
 def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | None = None,
                         split_by: str | None = None, convention: str | None = None, device="auto",
-                        loaded=None, keep_predictions: int = 0, **overrides) -> dict:
+                        loaded=None, keep_predictions: int = 0, max_refs: int | None = None, **overrides) -> dict:
     """Scores of one checkpoint on one split (``{"mIoU", "oIoU", "Pr@0.5", ..., "n"}`` + provenance).
 
-    ``loaded`` = a ``load_checkpoint`` result to reuse across splits; ``overrides`` (e.g. ``threshold``,
-    ``eval_batch_size``) replace the checkpoint's settings.
+    ``loaded`` = a ``load_checkpoint`` result to reuse across splits; ``max_refs`` = score only the first that
+    many refs of the split (a quick look, e.g. the predictions a notebook shows; the scores then describe
+    those refs only, ``n_refs`` says how many); ``overrides`` (e.g. ``threshold``, ``eval_batch_size``)
+    replace the checkpoint's settings.
     """
     from ris_utils.models import resolve_device
 
@@ -60,6 +62,9 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
     fallback = [cfg["data_root"]] if cfg.get("data_root") else []
     ds = RisEvalSet(refer, split, tok, cfg["input_size"], cfg["word_len"], cache=cfg.get("cache", True),
                     image_fallback_roots=fallback)
+    if max_refs is not None:
+        ds.refs = ds.refs[:int(max_refs)]
+        ds.pairs = [p for p in ds.pairs if p[0] < len(ds.refs)]
     convention = convention or cfg.get("convention", "lavt")
     scores = evaluate_model(model, ds, cfg, dev, convention=convention, keep_predictions=keep_predictions)
     scores.update({"checkpoint": str(checkpoint), "data": str(refer.data_root), "dataset": refer.dataset,

@@ -301,7 +301,8 @@ def ris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0)
 class CRIS(nn.Module):
     """CRIS: CLIP backbone -> FPN neck -> vision-language decoder -> text-to-pixel projector.
 
-    ``forward(img (B, 3, S, S), tokens (B, L))`` -> logits (B, 1, S/4, S/4).
+    ``forward(img (B, 3, S, S), tokens (B, L))`` -> logits (B, 1, S/4, S/4); ``forward(None, tokens,
+    feats=encode_image(img))`` reuses image features (the image encoder does not see the sentence).
     """
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
@@ -319,9 +320,16 @@ class CRIS(nn.Module):
         if prior:
             self.proj.init_prior(float(prior))
 
-    def forward(self, img: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, img: torch.Tensor):
+        """The text-independent part: multi-scale image features (C3, C4, C5) for :meth:`forward`'s ``feats``."""
+        return self.backbone.encode_image(img)
+
+    def forward(self, img: torch.Tensor | None, tokens: torch.Tensor, feats=None) -> torch.Tensor:
+        """``feats`` = :meth:`encode_image` output for these samples (then ``img`` is not used): several
+        sentences about one image share one image encoding (evaluation)."""
         pad_mask = tokens == self.pad_token_id  # (B, L)
-        feats = self.backbone.encode_image(img)
+        if feats is None:
+            feats = self.backbone.encode_image(img)
         words, state = self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
         fq = self.neck(feats, state)  # (B, D, S/16, S/16)
         fq = self.decoder(fq, words, pad_mask)

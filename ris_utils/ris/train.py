@@ -380,6 +380,23 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
 
 
 @torch.no_grad()
+def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device) -> torch.Tensor:
+    """Logits of an evaluation batch, encoding each distinct image of the batch once (consecutive sentences
+    mostly share images: ~10 per image on the shapes world) when the model can take precomputed image
+    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise."""
+    img, tokens = batch["img"].to(device), batch["tokens"].to(device)
+    if not hasattr(model, "encode_image"):
+        return model(img, tokens)
+    image_ids = [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
+    first: dict = {}
+    inverse = torch.tensor([first.setdefault(k, len(first)) for k in image_ids], device=img.device)
+    if len(first) == len(image_ids):
+        return model(img, tokens)
+    rows = torch.tensor([image_ids.index(k) for k in first], device=img.device)
+    feats = model.encode_image(img[rows])
+    return model(None, tokens, feats=tuple(f[inverse] for f in feats))
+
+
 def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
                    keep_predictions: int = 0) -> dict:
     """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
@@ -404,7 +421,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     thr = float(cfg.get("threshold", 0.35))
     picks, chance = [], []
     for batch in loader:
-        prob = torch.sigmoid(model(batch["img"].to(device), batch["tokens"].to(device)))[:, 0].float().cpu()
+        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
             full = unletterbox(p, data.geometry(i))  # (H, W) probabilities at the original size
             gt = data.gt_mask(i)
