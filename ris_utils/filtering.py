@@ -193,13 +193,11 @@ def _check_filter_jobs(jobs) -> list[dict]:
     return out
 
 
-def _filter_shard(cfg: dict, dirs: list[tuple[str, str]], rank: int, world_size: int, progress: bool) -> list[dict]:
+def _filter_shard(cfg: dict, dirs: list[tuple[str, str]], progress: bool, rank: int, world_size: int) -> list[dict]:
     """One worker of :func:`filter_jobs`: shard ``rank`` of every (captions, filter) folder pair, in order,
     with one scorer. Runs in a spawned process."""
     import torch
 
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # the shards are merged by the parent, not a process group
-        os.environ.pop(key, None)
     torch.set_num_threads(int(cfg.get("threads") or max(1, (os.cpu_count() or 1) // world_size)))
     scorer = make_scorer(cfg)
     return [run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress, rank=rank, world_size=world_size,
@@ -226,15 +224,10 @@ def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | 
     Returns:
       the filter folder of each job (:func:`step_dirs`), in the order of ``jobs``.
     """
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     from ris_utils import engine
 
     jobs = _check_filter_jobs(jobs)
-    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
-        raise ValueError(f"filter.workers must be a positive int, got {workers!r}")
-    n = int(workers or 1)
+    n = engine.check_workers(workers, "filter.workers")
     base = int(captions_cfg.get("seed", 0))
     seeds = [base if job.get("seed") is None else int(job["seed"]) for job in jobs]
     dirs = [step_dirs(cfg["work_dir"], job["mode"], job["split"], s, base) for job, s in zip(jobs, seeds)]
@@ -267,19 +260,7 @@ def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | 
         if not (Path(ckpt) if Path(ckpt).is_absolute() else project_root() / ckpt).is_file():
             make_scorer(cfg)  # trains the missing CLIP once here, not once per worker
     pairs = [(str(c), str(f)) for c, f in dirs]
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_filter_shard, cfg, pairs, r, n, progress) for r in range(n)]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
-        if failed:
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()  # the others' finished images are committed; a rerun resumes
-            r, f = failed[0]
-            err = f.exception()
-            err.add_note(f"(raised in filter worker {r} of {n}; a rerun resumes the finished images)")
-            raise err
-        for f in futures:
-            f.result()
+    engine.run_shard_workers(_filter_shard, (cfg, pairs, progress), n, "filter")
     for _, fdir in dirs:
         engine.merge(fdir, step="filter")
     return [f for _, f in dirs]

@@ -299,17 +299,13 @@ def _run_job(cfg: dict, job: dict, captioner, progress: bool, **shard) -> dict:
                         masks_dir=job.get("masks_dir"), progress=progress, **shard)
 
 
-def _caption_shard(cfg: dict, jobs: list[dict], rank: int, world_size: int, progress: bool) -> list[dict]:
+def _caption_shard(cfg: dict, jobs: list[dict], progress: bool, rank: int, world_size: int) -> list[dict]:
     """One worker of :func:`run_caption_jobs`: shard ``rank`` of every job, in order, with one captioner
     (and so one decoder: its beam memo is kept across the jobs). Runs in a spawned process."""
-    import os
-
     import torch
 
     from ris_utils.train_captioner import load_captioner
 
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # the shards are merged by the parent, not a process group
-        os.environ.pop(key, None)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     captioner = load_captioner(cfg)
@@ -336,16 +332,11 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     Each summary is the engine's merged summary plus ``seconds`` (with W > 1: the slowest worker's time on
     that job, ``seconds_by_rank`` lists them), ``out_dir`` and ``workers``.
     """
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
     from ris_utils import engine
     from ris_utils.train_captioner import load_captioner
 
     jobs = _check_jobs(cfg, jobs)
-    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
-        raise ValueError(f"captions.workers must be a positive int, got {workers!r}")
-    n = int(workers or 1)
+    n = engine.check_workers(workers, "captions.workers")
     if not jobs:
         return []
     if n <= 1:
@@ -355,18 +346,7 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
         # a shapes captioner whose checkpoint does not match the profile is trained on first use: do it
         # once here (it is cached under the work dir), not once per worker (a given one was loaded already)
         load_captioner(cfg)
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_caption_shard, cfg, jobs, r, n, progress) for r in range(n)]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
-        if failed:
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()  # the others' finished images are committed; a rerun resumes
-            r, f = failed[0]
-            err = f.exception()
-            err.add_note(f"(raised in captions worker {r} of {n}; a rerun resumes the finished images)")
-            raise err
-        shards = [f.result() for f in futures]
+    shards = engine.run_shard_workers(_caption_shard, (cfg, jobs, progress), n, "captions")
     out = []
     for k, job in enumerate(jobs):
         out_dir = _job_out_dir(cfg, job)
