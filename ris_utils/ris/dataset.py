@@ -205,6 +205,8 @@ class RisEvalSet(_ReferBase):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.pairs = [(i, j) for i, t in enumerate(self.tokens) for j in range(len(t))]
+        self._anns_by_image: dict[int, list[dict]] | None = None  # built on the first image_objects call
+        self._objects: dict[int, list] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -224,11 +226,10 @@ class RisEvalSet(_ReferBase):
     def image_objects(self, i: int) -> list[tuple[int, np.ndarray]]:
         """``[(ann_id, HxW bool mask)]`` of every annotated object in the image of ref ``i`` (the referred
         one included), at the original size; the last few images are memoised (refs come image by image)."""
-        if not hasattr(self, "_anns_by_image"):
-            self._anns_by_image: dict[int, list[dict]] = {}
+        if self._anns_by_image is None:
+            self._anns_by_image = {}
             for a in self.refer.anns.values():
                 self._anns_by_image.setdefault(a["image_id"], []).append(a)
-            self._objects: dict[int, list] = {}
         image_id = self.refs[i]["image_id"]
         if image_id not in self._objects:
             from ris_utils.data.refer import decode_segmentation
