@@ -39,6 +39,7 @@ from torch import nn
 
 from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, RisTrainSet, open_refer
+from ris_utils.ris.features import feature_stores
 from ris_utils.ris.model import build_model, ris_loss
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ DEFAULTS = dict(
     adam_eps=1e-8,            # AdamW epsilon
     threads=None,             # torch CPU threads (None = torch's default); 1 avoids oversubscription
     dice_weight=0.0,          # (our choice, shapes) + dice loss; CRIS: 0 (BCE only)
+    freeze="none",            # none (CRIS) | visual | text | both (ETRIS-style frozen towers, cached features)
+    feature_cache=None,       # folder for the frozen image tower's features (shared by runs); None = memory only
+    feature_cache_mb=None,    # memory bound of the in-memory feature copy (None = unbounded)
 )
 
 
@@ -171,8 +175,9 @@ def make_model(cfg: dict, tok) -> nn.Module:
     if pretrained in (None, "none") or (pretrained == "default" and cfg["model"] == "cris_tiny"):
         # random init: the CLIP is built at the letterbox size with the tokenizer's vocabulary
         kw.update(image_size=cfg["input_size"], vocab_size=tok.vocab_size)
-    return build_model(cfg["model"], word_len=cfg["word_len"], eot_token_id=tok.eot_token_id,
-                       pretrained=None if pretrained == "none" else pretrained, **kw)
+    model = build_model(cfg["model"], word_len=cfg["word_len"], eot_token_id=tok.eot_token_id,
+                        pretrained=None if pretrained == "none" else pretrained, **kw)
+    return model.freeze(cfg.get("freeze") or "none")
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, sched: dict) -> float:
@@ -309,6 +314,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     model = make_model(cfg, tok).to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    stores = feature_stores(model, cfg, device)  # frozen towers: features computed once
     if world > 1:
         model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
                  else convert_dist_batchnorm(model))
@@ -343,7 +349,9 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
             img, tokens, mask = (batch[k].to(device) for k in ("img", "tokens", "mask"))
-            logits = model(img, tokens)  # (B, 1, S/4, S/4)
+            feats = stores[0].batch(train_set.image_keys(batch["index"]), img) if stores[0] else None
+            text = stores[1].batch(tokens) if stores[1] else None
+            logits = model(None if feats else img, tokens, feats=feats, text=text)  # (B, 1, S/4, S/4)
             loss = ris_loss(logits, mask, dice_weight=cfg["dice_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -362,7 +370,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                  "seconds": round(time.time() - t0, 2)}
         if master and val_set is not None:
-            scores = evaluate_model(raw, val_set, cfg, device)
+            scores = evaluate_model(raw, val_set, cfg, device, stores=stores)
             entry.update({f"val_{k}": v for k, v in scores.items()})
         history.append(entry)
         if master:
@@ -380,25 +388,32 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
 
 
 @torch.no_grad()
-def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device) -> torch.Tensor:
+def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device, stores=(None, None)
+                           ) -> torch.Tensor:
     """Logits of an evaluation batch, encoding each distinct image of the batch once (consecutive sentences
     mostly share images: ~10 per image on the shapes world) when the model can take precomputed image
-    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise."""
+    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise.
+    ``stores`` = :func:`ris_utils.ris.features.feature_stores` of a model with frozen towers."""
     img, tokens = batch["img"].to(device), batch["tokens"].to(device)
     if not hasattr(model, "encode_image"):
         return model(img, tokens)
+    img_store, txt_store = stores or (None, None)
+    text = txt_store.batch(tokens) if txt_store else None
+    if img_store is not None:
+        feats = img_store.batch(data.image_keys(batch["ref_index"]), img)
+        return model(None, tokens, feats=feats, text=text)
     image_ids = [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
     first: dict = {}
     inverse = torch.tensor([first.setdefault(k, len(first)) for k in image_ids], device=img.device)
     if len(first) == len(image_ids):
-        return model(img, tokens)
+        return model(img, tokens, text=text)
     rows = torch.tensor([image_ids.index(k) for k in first], device=img.device)
     feats = model.encode_image(img[rows])
-    return model(None, tokens, feats=tuple(f[inverse] for f in feats))
+    return model(None, tokens, feats=tuple(f[inverse] for f in feats), text=text)
 
 
 def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
-                   keep_predictions: int = 0) -> dict:
+                   keep_predictions: int = 0, stores=None) -> dict:
     """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
     size: sigmoid -> :func:`unletterbox` -> ``> threshold`` (CRIS). ``keep_predictions`` > 0 also returns
     the first that many ``(ref_index, sent_index, HxW bool prediction)`` under ``"predictions"``.
@@ -421,7 +436,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     thr = float(cfg.get("threshold", 0.35))
     picks, chance = [], []
     for batch in loader:
-        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device))[:, 0].float().cpu()
+        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
             full = unletterbox(p, data.geometry(i))  # (H, W) probabilities at the original size
             gt = data.gt_mask(i)
