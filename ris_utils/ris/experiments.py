@@ -300,7 +300,6 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
     names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
     from ris_utils.models import resolve_device
     from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
-
     from ris_utils.ris.features import feature_stores
 
     device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)

@@ -251,7 +251,14 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
     from ris_utils.crops import make_views
     from ris_utils.data.refer import decode_segmentation, select_split
     from ris_utils.images import load_image_rgb
-    from ris_utils.ris.dataset import CLIP_MEAN, CLIP_STD, _image_path, letterbox_image, letterbox_mask, open_refer
+    from ris_utils.ris.dataset import (
+        CLIP_MEAN,
+        CLIP_STD,
+        _image_path,
+        letterbox_image,
+        letterbox_mask,
+        open_refer,
+    )
     from ris_utils.ris.model import dense_map
 
     ev = cfg["eval"]
