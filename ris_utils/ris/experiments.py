@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ris_utils.fileio import atomic_write
+from ris_utils.ris.diagnostics import ATTRIBUTE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +371,7 @@ def collect(runs_dir) -> list[dict]:
     for p in sorted(Path(runs_dir).glob("*/*/seed*/eval/*.json")):
         d = json.loads(p.read_text())
         rows.append({k: d.get(k) for k in ("trainset", "style", "split", "seed", "train_style", "mIoU", "oIoU",
-                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n", "pick_acc", "pick_chance")}
+                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n", "pick_acc", "pick_chance",
+                                           *(f"pick_acc_{a}" for a in ATTRIBUTE_KINDS))}
                     | {"path": str(p)})
     return rows

@@ -352,7 +352,7 @@ class CRIS(nn.Module):
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
                  dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None,
-                 proj_upsample: int = 4):
+                 proj_upsample: int = 4, clip_prior: bool = False):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -364,6 +364,9 @@ class CRIS(nn.Module):
         self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3, upsample=int(proj_upsample))
         self.pad_token_id = int(pad_token_id)
         self.frozen: tuple = ()  # CLIP towers frozen by :meth:`freeze`
+        # (ours, off in CRIS) the pretrained CLIP's own text-to-pixel score as a residual logit:
+        # prior(x) = a * (cos(D(x), s) - b), D = dense C5 attention-pool map, s = sentence embedding
+        self.clip_prior = nn.Parameter(torch.tensor([10.0, 0.3])) if clip_prior else None
         if prior:
             self.proj.init_prior(float(prior))
 
@@ -383,11 +386,20 @@ class CRIS(nn.Module):
         pad_mask = tokens == self.pad_token_id  # (B, L)
         if feats is None:
             feats = self.backbone.trunk(img)
-        feats = self.backbone.finish(feats)
         words, state = text if text is not None else self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
-        fq = self.neck(feats, state)  # (B, D, S/16, S/16)
+        fq = self.neck(self.backbone.finish(feats), state)  # (B, D, S/16, S/16)
         fq = self.decoder(fq, words, pad_mask)
-        return self.proj(fq, state)  # (B, 1, S/4, S/4)
+        logits = self.proj(fq, state)  # (B, 1, S/4, S/4)
+        if self.clip_prior is not None:
+            logits = logits + F.interpolate(self.prior_logits(feats[3], state), size=logits.shape[-2:],
+                                            mode="bilinear", align_corners=False)
+        return logits
+
+    def prior_logits(self, dense: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """(B, E, h, w) dense C5 attention-pool map, (B, E) sentence -> (B, 1, h, w) ``a * (cos - b)``."""
+        cos = torch.einsum("behw,be->bhw", F.normalize(dense, dim=1), F.normalize(state, dim=-1))
+        a, b = self.clip_prior
+        return (a * (cos - b))[:, None]
 
     #: parameter-name prefixes of the two CLIP towers (what :meth:`freeze` freezes)
     TOWERS = {"visual": ("backbone.visual.",),
@@ -471,8 +483,10 @@ def _clip_from_file(name: str, path: str):
     state dict; fp16 weights are loaded as fp32), e.g. the shapes CLIP ``ris_utils/assets/clip_shapes.pt``."""
     import open_clip
 
+    from ris_utils.models import register_open_clip_configs
     from ris_utils.profiles import project_root
 
+    register_open_clip_configs()
     p = Path(path)
     if not p.is_absolute() and not p.is_file():
         p = project_root() / p

@@ -273,7 +273,7 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
     for a in refer.anns.values():
         anns_by_image.setdefault(a["image_id"], []).append(a)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    hits_d, hits_c, chance, n = 0, 0, [], 0
+    hits_d, hits_c, chance, n, records = 0, 0, [], 0, []
     with torch.no_grad():
         for r in refs:
             anns = sorted(anns_by_image[r["image_id"]], key=lambda a: a["id"])
@@ -290,11 +290,17 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
             pooled = F.normalize(model.encode_image(crops), dim=-1)
             t = F.normalize(model.encode_text(tok([s["sent"] for s in r["sentences"]])), dim=-1)
             target = [a["id"] for a in anns].index(r["ann_id"])
-            hits_d += int(((t @ reg.T).argmax(1) == target).sum())
+            ok = ((t @ reg.T).argmax(1) == target).tolist()
+            records += [(s["sent"], o) for s, o in zip(r["sentences"], ok)]
+            hits_d += sum(ok)
             hits_c += int(((t @ pooled.T).argmax(1) == target).sum())
             chance += [1 / len(anns)] * len(t)
             n += len(t)
-    return {"dense": round(hits_d / max(n, 1), 4), "crop": round(hits_c / max(n, 1), 4),
+    from ris_utils.ris.diagnostics import pick_by_attribute
+
+    by_attr = {k.replace("pick_acc_", "dense_"): round(v, 4) for k, v in pick_by_attribute(records).items()
+               if k.startswith("pick_acc_")}
+    return {"dense": round(hits_d / max(n, 1), 4), "crop": round(hits_c / max(n, 1), 4), **by_attr,
             "chance": round(float(np.mean(chance)) if chance else 0.0, 4), "n": n,
             "eval": {k: str(v) for k, v in ev.items()}}
 

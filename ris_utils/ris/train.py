@@ -39,6 +39,7 @@ from torch import nn
 
 from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, RisTrainSet, open_refer
+from ris_utils.ris.diagnostics import pick_by_attribute
 from ris_utils.ris.features import feature_stores
 from ris_utils.ris.model import build_model, ris_loss
 
@@ -54,9 +55,11 @@ DEFAULTS = dict(
     input_size=416,           # letterbox side S (CRIS: 416)
     word_len=17,              # tokens per sentence (CRIS: 17)
     threshold=0.35,           # sigmoid threshold at test time (CRIS)
-    epochs=50, batch_size=64, lr=1e-4, backbone_lr_mult=0.1, weight_decay=0.0, grad_clip=0.0,
+    epochs=50, train_steps=None,  # train_steps (if set) replaces epochs: that many optimizer steps
+    batch_size=64, lr=1e-4, backbone_lr_mult=0.1, weight_decay=0.0, grad_clip=0.0,
     schedule={"name": "multistep", "milestones": [35], "gamma": 0.1, "warmup_steps": 0},
     val_split="val", val_max_refs=None, eval_batch_size=64, num_workers=0, cache=True,
+    val_every=None,           # also evaluate the val refs every this many steps (the pick-vs-step curve)
     convention="lavt", seed=0, device="auto",
     adam_eps=1e-8,            # AdamW epsilon
     threads=None,             # torch CPU threads (None = torch's default); 1 avoids oversubscription
@@ -280,7 +283,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     ckpt_path = out / "last.pt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     if ckpt is not None:  # resume with the run's own settings (keeping overrides of epochs)
-        cfg = {**ckpt["config"], "epochs": cfg["epochs"], "device": cfg.get("device", "auto")}
+        cfg = {**ckpt["config"], "epochs": cfg["epochs"], "train_steps": cfg.get("train_steps"),
+               "device": cfg.get("device", "auto")}
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     seed = int(cfg["seed"])
@@ -302,7 +306,11 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{train_path}: {len(train_set)} training refs < batch_size {cfg['batch_size']}")
-    total_steps = steps_per_epoch * cfg["epochs"]
+    if cfg.get("train_steps"):  # a fixed number of optimizer steps (every training set the same compute)
+        total_steps = int(cfg["train_steps"])
+        cfg["epochs"] = math.ceil(total_steps / steps_per_epoch)
+    else:
+        total_steps = steps_per_epoch * cfg["epochs"]
     val_set = None
     if val_path is not None and master:
         val_set = RisEvalSet(open_refer(val_path, val_dataset, val_split_by or split_by), cfg["val_split"], **common)
@@ -323,11 +331,11 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"])
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=float(cfg["adam_eps"]))
-    start_epoch, step, history, steps_log = 0, 0, [], []
+    start_epoch, step, history, steps_log, curve = 0, 0, [], [], []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        history, steps_log = ckpt["history"], ckpt["steps_log"]
+        history, steps_log, curve = ckpt["history"], ckpt["steps_log"], ckpt.get("curve", [])
         _set_rng_state(ckpt["rng"])
         if master:
             logger.info("resuming %s from epoch %d (step %d)", out, start_epoch, step)
@@ -345,6 +353,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and master),
                    leave=False, mininterval=2.0)
         for batch in bar:
+            if step >= total_steps:
+                break
             f = lr_factor(step, total_steps, steps_per_epoch, cfg["schedule"])
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
@@ -367,6 +377,10 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             steps_log.append([step, epoch, round(lval, 6), base_lrs[-1] * f])
             step += 1
             bar.set_postfix(loss=f"{lval:.4f}")
+            every = int(cfg.get("val_every") or 0)
+            if master and val_set is not None and every and (step % every == 0 or step == total_steps):
+                sc = evaluate_model(raw, val_set, cfg, device, stores=stores)
+                curve.append({"step": step, "pick_acc": sc["pick_acc"], "mIoU": sc["mIoU"]})
         entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                  "seconds": round(time.time() - t0, 2)}
         if master and val_set is not None:
@@ -375,10 +389,12 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         history.append(entry)
         if master:
             state = {"model": unwrap_state_dict(model), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "step": step, "history": history, "steps_log": steps_log, "rng": _rng_state(),
+                     "step": step, "history": history, "steps_log": steps_log, "curve": curve, "rng": _rng_state(),
                      "config": cfg, "tokenizer": tokenizer_spec(tok)}
             atomic_save(state, ckpt_path)
             _write_logs(out, history, steps_log)
+            if curve:
+                atomic_write(out / "curve.json", json.dumps(curve, indent=1))
             logger.info("epoch %d: %s", epoch + 1, entry)
         if world > 1:
             dist.barrier()
@@ -434,7 +450,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.get("eval_batch_size", 64), shuffle=False,
                                          collate_fn=collate, num_workers=0)
     thr = float(cfg.get("threshold", 0.35))
-    picks, chance = [], []
+    picks, chance, pick_records = [], [], []
     for batch in loader:
         prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
@@ -449,6 +465,8 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
                 best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].any() else -1.0)[0]
                 picks.append(best == data.refs[i]["ann_id"])
                 chance.append(1.0 / len(objs))
+                sent = data.refs[i]["sentences"][j]
+                pick_records.append((sent.get("sent") or sent.get("raw") or "", picks[-1]))
             if len(kept) < keep_predictions:
                 kept.append((i, j, pred))
     model.train(was_training)
@@ -456,6 +474,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     out["pick_acc"] = float(np.mean(picks)) if picks else None
     out["pick_chance"] = float(np.mean(chance)) if chance else None
     out["pick_n"] = len(picks)
+    out.update(pick_by_attribute(pick_records))  # pick_acc_<color|shape|size|pattern|location>
     if keep_predictions:
         out["predictions"] = kept
         out["ious"] = ious
