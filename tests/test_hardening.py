@@ -1,0 +1,232 @@
+"""Issue 11: odd files, crafted checkpoints, concurrent runs, typo'd paths, torn downloads, leftovers, one-line
+errors and file modes (each test fails on the code before the fix)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ris_utils import engine, fileio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ris_utils", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def _one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _png(path, w=48, h=40, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 220, np.uint8)
+    img[5:20, 6:30] = rng.integers(0, 120, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ 3. locking
+
+
+def _race_worker(out, k, barrier, q):
+    def fn(item):
+        time.sleep(0.002)
+        return {"v": k}
+
+    items = [{"image_id": i, "path": f"{i}.png"} for i in range(6)]
+    barrier.wait()
+    try:
+        engine.run("unit", items, fn, out, config={"v": k}, progress=False, fsync=False)
+        q.put((k, "ok"))
+    except (engine.ResumeMismatchError, fileio.FolderBusyError) as e:
+        q.put((k, type(e).__name__))
+    except BaseException as e:  # noqa: BLE001 - reported to the test
+        q.put((k, f"unexpected {type(e).__name__}: {e}"))
+
+
+def test_two_runs_with_different_settings_never_mix_20_trials(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(20):
+        out = tmp_path / f"t{trial}"
+        barrier, q = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_race_worker, args=(out, k, barrier, q)) for k in (1, 2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        results = dict(q.get(timeout=5) for _ in procs)
+        assert sorted(results.values()).count("ok") == 1, results
+        assert all(v in ("ok", "ResumeMismatchError", "FolderBusyError") for v in results.values()), results
+        winner = next(k for k, v in results.items() if v == "ok")
+        manifest = json.loads((out / engine.MANIFEST).read_text())
+        assert manifest["config"] == {"v": winner}
+        assert [r["v"] for r in engine.read_records(out)] == [winner] * 6
+
+
+def test_second_run_into_a_busy_folder_is_refused_or_waits(tmp_path):
+    items = [{"image_id": i, "path": f"{i}.png"} for i in range(3)]
+    with fileio.folder_lock(tmp_path / "o", what="someone else"):
+        with pytest.raises(fileio.FolderBusyError, match=r"in use by another run \(someone else, pid \d+"):
+            engine.run("unit", items, lambda it: {}, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / engine.RECORDS).exists()
+    # waiting: the holder releases after 0.5 s, the run then proceeds
+    import threading
+
+    got = threading.Event()
+
+    def hold():
+        with fileio.folder_lock(tmp_path / "w"):
+            got.set()
+            time.sleep(0.5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    got.wait(5)
+    s = engine.run("unit", items, lambda it: {}, tmp_path / "w", progress=False, lock_wait=30)
+    t.join()
+    assert s["ok"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ 7. leftovers
+
+
+def test_temp_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    out = tmp_path / "o"
+    items = [{"image_id": i, "path": f"{i}.png"} for i in range(3)]
+    engine.run("unit", items, lambda it: {"a": 1}, out, progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer runs
+    stale = [out / f".records.jsonl.tmp{dead.pid}", out / f".manifest.json.tmp{dead.pid}.abc123",
+             out / engine.PARTS / f".unit.rank0of1.log.tmp{dead.pid}", out / ".summary.json.k3j_x9aq.tmp"]
+    alive = out / f".records.jsonl.tmp{os.getppid()}"  # a live writer's temp is kept
+    for p in [*stale, alive]:
+        p.write_text("x")
+    engine.run("unit", items, lambda it: {"a": 1}, out, progress=False)
+    assert not any(p.exists() for p in stale) and alive.exists()
+
+
+WATCHDOG_SCRIPT = """
+import os, sys, time
+from ris_utils import engine
+
+def work(out, rank, world_size):
+    open(os.path.join(out, f"worker{rank}.pid"), "w").write(str(os.getpid()))
+    time.sleep(300)
+
+if __name__ == "__main__":
+    open(os.path.join(sys.argv[1], "parent.pid"), "w").write(str(os.getpid()))
+    engine.run_shard_workers(work, (sys.argv[1],), 2, "test")
+"""
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(WATCHDOG_SCRIPT))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=_env())
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not all((tmp_path / f"worker{r}.pid").is_file() for r in range(2)):
+            time.sleep(0.2)
+        pids = [int((tmp_path / f"worker{r}.pid").read_text()) for r in range(2)]
+        os.kill(proc.pid, signal.SIGKILL)  # only the parent
+        proc.wait(10)
+        deadline = time.time() + 15
+        while time.time() < deadline and any(fileio.pid_alive(p) and not _zombie(p) for p in pids):
+            time.sleep(0.2)
+        assert not any(fileio.pid_alive(p) and not _zombie(p) for p in pids), "workers outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _zombie(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ 9. file modes
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = fileio.atomic_write(tmp_path / "a.json", "{}")
+        assert p.stat().st_mode & 0o777 == 0o644
+        os.umask(0o002)
+        assert fileio.atomic_write(tmp_path / "b.json", "{}").stat().st_mode & 0o777 == 0o664
+        with fileio.StagedDir(tmp_path / "exp") as st:
+            (st.path / "x").write_text("1")
+        assert (tmp_path / "exp").stat().st_mode & 0o777 == 0o775
+    finally:
+        os.umask(old)
+
+
+# ------------------------------------------------------------------------------------------------ 6. swaps
+
+
+def test_staged_dir_swaps_in_whole_and_refuses_foreign_folders(tmp_path):
+    final = tmp_path / "export"
+    with fileio.StagedDir(final, marker="card.json") as st:
+        (st.path / "card.json").write_text("old")
+        (st.path / "data").write_text("old")
+    with pytest.raises(RuntimeError):
+        with fileio.StagedDir(final, marker="card.json") as st:
+            (st.path / "card.json").write_text("new")
+            raise RuntimeError("killed half-way")
+    assert (final / "card.json").read_text() == "old" and (final / "data").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    with fileio.StagedDir(final, marker="card.json") as st:
+        (st.path / "card.json").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["card.json"] and (final / "card.json").read_text() == "new"
+    foreign = tmp_path / "home"
+    (foreign / "thesis.tex").parent.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="no card.json"):
+        fileio.StagedDir(foreign, marker="card.json")
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_staged_dir_recovers_a_swap_killed_half_way(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    final = tmp_path / "export"
+    old = tmp_path / f".export.old{dead.pid}"  # the non-atomic fallback was killed between its two renames
+    old.mkdir()
+    (old / "card.json").write_text("old")
+    staging = tmp_path / f".export.staging{dead.pid}.0"
+    staging.mkdir()
+    (staging / "card.json").write_text("half")
+    st = fileio.StagedDir(final, marker="card.json")
+    assert (final / "card.json").read_text() == "old" and not old.exists() and not staging.exists()
+    st.abort()
