@@ -385,6 +385,19 @@ def _run_locked(step, items, fn, out_dir: Path, seed, desc, rank, world_size, me
     return local
 
 
+def strict_exit(strict: bool, summaries) -> int:
+    """The exit code of a generation command: 1 with ``--strict`` when any summary counts an error record
+    (their reasons printed on stderr), else 0."""
+    failed = [e for s in summaries for e in (s.get("errors") or [])]
+    n = sum(int(s.get("failed") or 0) for s in summaries)
+    if not strict or not n:
+        return 0
+    print(f"--strict: {n} image(s) became error records:", file=sys.stderr)
+    for e in failed[:20]:
+        print(f"  {e.get('file_name') or e.get('image_id')}: {e.get('error')}", file=sys.stderr)
+    return 1
+
+
 def check_workers(workers, setting: str) -> int:
     """A ``<step>.workers`` setting as a process count: None / 0 -> 1; refuses bools, non-ints, negatives."""
     if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
@@ -443,7 +456,8 @@ def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
     head = {"image_id": item["image_id"], "file_name": _file_name(item)}
     try:
         if not item.get("path"):
-            raise ValueError(f"item {item['image_id']!r} has no 'path' (every item needs 'image_id' and 'path')")
+            raise ValueError(f"{head['file_name']}: item {item['image_id']!r} has no 'path' (every item needs "
+                             f"'image_id' and 'path'); add it to the item list")
         body = fn(work)
         if not isinstance(body, dict):
             raise TypeError(f"step function returned {type(body).__name__}, expected a dict")
@@ -456,7 +470,7 @@ def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
     except fatal:
         raise
     except MemoryError as e:  # one huge image: its error record, not the end of the run
-        reason = (f"MemoryError: out of memory while processing {head['file_name']} ({e or 'no detail'}): the "
+        reason = (f"MemoryError: out of memory while processing {head['file_name']} ({str(e) or 'no detail'}): the "
                   f"image may be too large (masks.max_pixels limits its pixels); shrink it or free memory")
         logger.warning("engine: %s failed: %s", item["image_id"], reason)
         return {**head, "status": "error", "error": reason[:1000]}

@@ -644,12 +644,17 @@ def cli_filter(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
     ap.add_argument("--images", default=None, help="image folder (default: <data_root>/images)")
     ap.add_argument("--param", action="append", default=[], help="override a filter setting, e.g. fallback=drop")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)
     if not (Path(args.candidates) / "records.jsonl").is_file():
         ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the captions step first)")
     cfg = step_config(args.profile, "filter", images=args.images, **parse_params(args.param))
     summary = run_filter(args.candidates, args.out, cfg)
     print(f"filter: {summary.get('ok')} ok, {summary.get('failed')} failed -> {os.path.join(args.out, 'records.jsonl')}")
+    from ris_utils import engine
+
+    if engine.strict_exit(args.strict, [summary]):
+        return 1
     return 0 if summary.get("ok", 0) or not summary.get("n_items") else 1
 
 

@@ -78,11 +78,15 @@ def load_profile(profile: str | os.PathLike, _chain: tuple = ()) -> dict:
     """
     path = profile_path(profile)
     if path.resolve() in _chain:
-        raise ValueError(f"profile file {path}: 'extends' loops ({' -> '.join(p.stem for p in _chain)} -> {path.stem})")
+        raise ValueError(f"profile file {path}: 'extends' loops ({' -> '.join(p.stem for p in _chain)} -> "
+                         f"{path.stem}); remove one of the 'extends:' lines")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"profile file {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"profile file {path} is not valid YAML{where}: {what}; fix the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"profile file {path} must be a mapping with a 'shared' section")
     base = data.pop("extends", None)

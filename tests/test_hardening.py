@@ -230,3 +230,96 @@ def test_staged_dir_recovers_a_swap_killed_half_way(tmp_path):
     st = fileio.StagedDir(final, marker="card.json")
     assert (final / "card.json").read_text() == "old" and not old.exists() and not staging.exists()
     st.abort()
+
+
+# ------------------------------------------------------------------------------------------------ 1. odd files
+
+
+def _odd_folder(root: Path) -> Path:
+    imgs = root / "imgs"
+    _png(imgs / "good.png")
+    _png(Path(os.fsdecode(bytes(imgs) + b"/b_\xff.png")))  # a name that is not valid UTF-8
+    os.symlink(imgs / "gone.png", imgs / "dangling.png")
+    os.symlink(imgs / "loop_b.png", imgs / "loop_a.png")
+    os.symlink(imgs / "loop_a.png", imgs / "loop_b.png")
+    _png(imgs / "locked.png")
+    os.chmod(imgs / "locked.png", 0)
+    _png(imgs / "huge.png", w=120, h=100)
+    _png(imgs / "oom.png", w=56, h=40)
+    return imgs
+
+
+@pytest.fixture
+def odd_files(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    imgs = _odd_folder(tmp_path)
+    if os.geteuid() == 0:  # root reads mode-000 files: make the read fail as it would for a user
+        real_open = PILImage.open
+
+        def open_(fp, *a, **k):
+            if str(fp).endswith("locked.png"):
+                raise PermissionError(13, "Permission denied", str(fp))
+            return real_open(fp, *a, **k)
+
+        monkeypatch.setattr(PILImage, "open", open_)
+    yield imgs
+    os.chmod(imgs / "locked.png", 0o644)
+
+
+def test_odd_files_become_error_records_naming_file_and_reason(odd_files, tmp_path, monkeypatch):
+    from ris_utils import masks
+
+    real = masks.propose_masks
+
+    def propose(image, *a, **k):
+        if image.shape[1] == 56:
+            raise MemoryError()
+        return real(image, *a, **k)
+
+    monkeypatch.setattr(masks, "propose_masks", propose)
+    items = masks.image_items_from(odd_files)
+    cfg = {"backend": "components", "selector": {"kind": "none"}, "seed": 0, "max_pixels": 10_000}
+    s = masks.run_masks(cfg, items, tmp_path / "out", progress=False)
+    recs = {r["file_name"]: r for r in engine.read_records(tmp_path / "out")}
+    expect = {"b_\\xff.png": "not valid UTF-8", "dangling.png": "dangling symlink", "loop_a.png": "symlink loop",
+              "loop_b.png": "symlink loop", "locked.png": "permission denied", "huge.png": "max_pixels",
+              "oom.png": "MemoryError"}
+    assert set(recs) == {"good.png", *expect}
+    assert recs["good.png"]["status"] == "ok" and s["ok"] == 1 and s["failed"] == len(expect)
+    for name, reason in expect.items():
+        assert recs[name]["status"] == "error" and reason in recs[name]["error"], (name, recs[name]["error"])
+        assert name in recs[name]["error"]
+    assert "12,000" in recs["huge.png"]["error"] and "corrupt" not in recs["locked.png"]["error"]
+    (tmp_path / "out" / engine.RECORDS).read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    # a record holding such a path (e.g. a step's body) is written as valid UTF-8 and reads back to the same bytes
+    odd = os.fsdecode(b"/x/b_\xff.png")
+    line = engine.dumps_record({"image_id": 1, "path": odd})
+    assert "\\udcff" in line and line.encode("utf-8")
+    assert os.fsencode(json.loads(line)["path"]) == b"/x/b_\xff.png"
+
+
+def test_json_item_without_path_is_an_error_record(tmp_path):
+    from ris_utils import masks
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "list.json").write_text(json.dumps([{"image_id": "a", "path": "a.png"}, {"image_id": "b"}]))
+    items = masks.image_items_from(tmp_path / "list.json")
+    s = masks.run_masks({"backend": "components", "selector": {"kind": "none"}}, items, tmp_path / "o", progress=False)
+    recs = {r["image_id"]: r for r in engine.read_records(tmp_path / "o")}
+    assert recs["a"]["status"] == "ok" and s["failed"] == 1
+    assert "list.json[1]" in recs["b"]["error"] and "no 'path'" in recs["b"]["error"]
+
+
+def test_masks_cli_completes_on_odd_files_and_strict_fails(tmp_path):
+    imgs = _odd_folder(tmp_path)
+    try:
+        res = _cli("masks", "--images", imgs, "--out", tmp_path / "o", "--no-progress", "--param", "max_pixels=10000")
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = json.loads((tmp_path / "o" / engine.SUMMARY).read_text())
+        assert summary["ok"] >= 2 and summary["failed"] >= 5  # root may read locked.png; oom.png is fine here
+        res = _cli("masks", "--images", imgs, "--out", tmp_path / "o", "--no-progress", "--param", "max_pixels=10000",
+                   "--strict")
+        assert res.returncode == 1 and "dangling symlink" in res.stderr and "b_\\xff.png" in res.stderr
+    finally:
+        os.chmod(imgs / "locked.png", 0o644)
