@@ -323,3 +323,130 @@ def test_masks_cli_completes_on_odd_files_and_strict_fails(tmp_path):
         assert res.returncode == 1 and "dangling symlink" in res.stderr and "b_\\xff.png" in res.stderr
     finally:
         os.chmod(imgs / "locked.png", 0o644)
+
+
+# ------------------------------------------------------------------------------------------------ 2. checkpoints
+
+
+class _Payload:
+    """Unpickling this writes a file: what a crafted checkpoint would do."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "pwned"))
+
+
+@pytest.fixture(scope="module")
+def ris_run(tmp_path_factory):
+    from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
+    from ris_utils.ris.train import train
+
+    root = tmp_path_factory.mktemp("ris")
+    toy = make_toy_refer(root / "toy", n_images=8, height=40, width=56)
+    cfg = dict(tokenizer=toy_tokenizer_spec(8), word_len=8, input_size=32, epochs=1, batch_size=4, lr=2e-3,
+               schedule={"name": "constant"}, threads=1, seed=0, device="cpu")
+    train(cfg, toy, root / "run", progress=False)
+    return toy, root / "run", cfg
+
+
+def test_ris_checkpoint_is_plain_data_and_crafted_ones_never_run_code(ris_run, tmp_path):
+    import torch
+
+    from ris_utils.ris.evaluate import load_checkpoint
+    from ris_utils.ris.train import CheckpointLoadError, train
+
+    toy, run, cfg = ris_run
+    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=True)  # plain data only
+    assert ck["epoch"] == 1 and isinstance(ck["rng"]["numpy"], dict)
+    load_checkpoint(run / "last.pt")
+    marker = tmp_path / "pwned.txt"
+    evil = dict(ck, history=[_Payload(marker)])
+    bad = tmp_path / "evil" / "last.pt"
+    bad.parent.mkdir()
+    torch.save(evil, bad)
+    with pytest.raises(CheckpointLoadError, match="safe load refuses"):
+        load_checkpoint(bad)  # evaluate --checkpoint
+    with pytest.raises(CheckpointLoadError, match="safe load refuses"):
+        train(cfg, toy, bad.parent, progress=False)  # the resume path of train --out (and notebook 04's grid)
+    assert not marker.exists()
+    res = _cli("evaluate", "--checkpoint", bad, "--data", toy, "--split", "val")
+    _one_line_error(res, str(bad), "not loaded")
+    assert not marker.exists()
+
+
+def test_ris_checkpoint_resume_after_plain_data_rng_is_identical(ris_run, tmp_path):
+    """Resuming from the plain-data RNG state continues exactly like an uninterrupted run."""
+    import torch
+
+    from ris_utils.ris.train import train
+
+    toy, _, cfg = ris_run
+    full = train({**cfg, "epochs": 2}, toy, tmp_path / "full", progress=False)
+    train({**cfg, "epochs": 2}, toy, tmp_path / "crash", progress=False, stop_after_epoch=1)
+    stale = tmp_path / "crash" / f".last.pt.tmp{_dead_pid()}"
+    stale.write_bytes(b"torn")
+    resumed = train({**cfg, "epochs": 2}, toy, tmp_path / "crash", progress=False)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "crash" / "last.pt", weights_only=True)
+    assert a["steps_log"] == b["steps_log"] and full["history"][-1]["train_loss"] == resumed["history"][-1]["train_loss"]
+    assert not stale.exists()
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_broken_ris_checkpoints_are_one_line_errors(ris_run, tmp_path):
+    import torch
+
+    toy, run, _ = ris_run
+    data = (run / "last.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    ck = torch.load(run / "last.pt", weights_only=True)
+    torch.save(ck["model"], tmp_path / "bare.pt")
+    other = dict(ck, model={k: v for k, v in list(ck["model"].items())[:-3]})
+    other["model"][next(iter(other["model"]))] = torch.zeros(3, 3)
+    torch.save(other, tmp_path / "other.pt")
+    for name, needle in (("trunc.pt", "truncated or damaged"), ("bare.pt", "bare state dict"),
+                         ("other.pt", "another architecture")):
+        res = _cli("evaluate", "--checkpoint", tmp_path / name, "--data", toy, "--split", "val")
+        _one_line_error(res, str(tmp_path / name), needle)
+
+
+# ------------------------------------------------------------------------------------------------ 8. one-line errors
+
+
+def test_setting_errors_name_the_setting_before_work(tmp_path):
+    t0 = time.time()
+    res = _cli("train", "--train", tmp_path / "nothing", "--out", tmp_path / "r", "--param", "epochs=abc")
+    _one_line_error(res, "ris.epochs", "'abc'")
+    res = _cli("masks", "--images", tmp_path, "--out", tmp_path / "m", "--param", "components.n_colors=many")
+    _one_line_error(res, "masks.components.n_colors", "'many'")
+    assert time.time() - t0 < 60 and not (tmp_path / "r").exists()
+
+
+def test_profile_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("shared:\n  a: 1\n b: [\n")
+    res = _cli("masks", "--images", tmp_path, "--out", tmp_path / "m", "--profile", tmp_path / "bad.yaml")
+    _one_line_error(res, "bad.yaml", "not valid YAML", "line")
+    (tmp_path / "x.yaml").write_text("extends: y\nshared: {}\n")
+    (tmp_path / "y.yaml").write_text("extends: x\nshared: {}\n")
+    res = _cli("filter", "--candidates", tmp_path, "--out", tmp_path / "f", "--profile", tmp_path / "x.yaml")
+    if res.returncode == 2 and "records.jsonl" in res.stderr:  # argparse checks --candidates first
+        (tmp_path / "records.jsonl").write_text("")
+        res = _cli("filter", "--candidates", tmp_path, "--out", tmp_path / "f", "--profile", tmp_path / "x.yaml")
+    _one_line_error(res, "'extends' loops")
+
+
+def test_broken_records_given_to_filter_and_export_are_one_line(tmp_path):
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    (cand / "records.jsonl").write_text('{"image_id": 1, "status": "ok", "masks": []}\n{"image_id": 2, "sta\n')
+    res = _cli("filter", "--candidates", cand, "--out", tmp_path / "f")
+    _one_line_error(res, str(cand / "records.jsonl"), "line 2", "rerun")
+    res = _cli("export", "--candidates", cand, "--out", tmp_path / "e")
+    _one_line_error(res, str(cand / "records.jsonl"), "line 2")
