@@ -157,6 +157,28 @@ def step_config(profile: str | os.PathLike, step: str, **overrides) -> dict:
     return resolve_paths(cfg)
 
 
+def _as_path(value) -> Path:
+    p = Path(str(value))
+    return (p if p.is_absolute() else project_root() / p).resolve()
+
+
+def is_profile_default(cfg: dict, step: str, key: str, value) -> bool:
+    """Whether ``value`` is what the profile file itself sets for ``<step>.<key>`` (dotted), compared as paths:
+    i.e. not a path the user named through ``--param`` / notebook parameters. A ``cfg`` without ``profile`` (built
+    in code) counts as the defaults; a profile that cannot be reloaded by name (given as a path) does not.
+
+    Used where a missing asset may be trained on first use: only the profile's own default asset is."""
+    if not cfg.get("profile"):
+        return True
+    try:
+        node = load_profile(cfg["profile"]).get(step) or {}
+    except (OSError, ValueError):
+        return False
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node is not None and _as_path(node) == _as_path(value)
+
+
 def notebook_parameters(profile: str | os.PathLike, notebook_number: str) -> dict:
     """Papermill parameters for one notebook: ``profile`` plus the profile's ``notebooks.<NN>`` entry."""
     prof = load_profile(profile)

@@ -450,3 +450,41 @@ def test_broken_records_given_to_filter_and_export_are_one_line(tmp_path):
     _one_line_error(res, str(cand / "records.jsonl"), "line 2", "rerun")
     res = _cli("export", "--candidates", cand, "--out", tmp_path / "e")
     _one_line_error(res, str(cand / "records.jsonl"), "line 2")
+
+
+# ------------------------------------------------------------------------------------------------ 4. typo'd paths
+
+
+def test_a_typod_checkpoint_path_fails_before_any_work_naming_setting_and_path(tmp_path, monkeypatch):
+    from ris_utils import filtering, train_captioner
+    from ris_utils.profiles import step_config
+
+    trained = []
+    monkeypatch.setattr("ris_utils.train_clip.train_clip", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(train_captioner, "train", lambda *a, **k: trained.append(a))
+    typo = tmp_path / "typo_clip.pt"
+    cfg = step_config("shapes", "filter", clip={"checkpoint": str(typo)})
+    with pytest.raises(FileNotFoundError, match=r"filter\.clip\.checkpoint .*typo_clip\.pt does not exist"):
+        filtering.build_clip(cfg)
+    with pytest.raises(FileNotFoundError, match="typo_clip.pt"):
+        filtering.filter_jobs(cfg, step_config("shapes", "captions"), [{"mode": "naive", "split": "train"}], 2)
+    ccfg = step_config("shapes", "captions", pretrained=str(tmp_path / "typo_coca.pt"))
+    with pytest.raises(FileNotFoundError, match=r"captions\.pretrained .*typo_coca\.pt does not exist"):
+        train_captioner.load_captioner(ccfg)
+    assert trained == [] and not typo.exists()
+    # the profile's own default asset, when missing, is still trained on first use (announced)
+    default = step_config("shapes", "filter")
+    from ris_utils.profiles import is_profile_default
+
+    assert is_profile_default(default, "filter", "clip.checkpoint", default["clip"]["checkpoint"])
+    assert not is_profile_default(cfg, "filter", "clip.checkpoint", str(typo))
+
+
+def test_typod_checkpoint_cli_is_one_line_exit_2(tmp_path):
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    (cand / "records.jsonl").write_text('{"image_id": 1, "status": "ok", "masks": []}\n')
+    t0 = time.time()
+    res = _cli("filter", "--candidates", cand, "--out", tmp_path / "f", "--param", f"clip.checkpoint={tmp_path}/typo.pt")
+    _one_line_error(res, "filter.clip.checkpoint", f"{tmp_path}/typo.pt")
+    assert time.time() - t0 < 60 and not (tmp_path / "typo.pt").exists() and not (tmp_path / "f").exists()
