@@ -130,7 +130,7 @@ def remove_stale_temps(folder: str | os.PathLike, *, legacy: bool = False, only_
     """Remove the temp files / staging folders in ``folder`` whose writing process is gone.
 
     A name matching :data:`TEMP_RE` is removed when its PID is not a running process (or is this process and
-    the entry is not an active :class:`StagedDir`). ``legacy=True`` (only when the caller holds the folder's
+    the entry is a staging folder no longer written: not active, or superseded when ``only_name`` is given). ``legacy=True`` (only when the caller holds the folder's
     exclusive lock) also removes ``mkstemp`` names without a PID (:data:`LEGACY_TEMP_RE`). ``only_name``
     restricts the sweep to temps of that file / folder name. Returns what was removed.
     """
@@ -147,8 +147,10 @@ def remove_stale_temps(folder: str | os.PathLike, *, legacy: bool = False, only_
             if only_name is not None and m["name"] != only_name:
                 continue
             pid = int(m["pid"])
-            if (pid == me and e.path in _ACTIVE) or (pid != me and pid_alive(pid)):
+            if pid != me and pid_alive(pid):
                 continue
+            if pid == me and e.path in _ACTIVE and only_name is None:
+                continue  # (a new StagedDir of the same folder in this process supersedes an unfinished one)
             if pid == me and m["kind"] == "tmp":
                 continue  # a temp file of this process may be in the middle of an atomic write (other thread)
             if m["kind"] == "old":
@@ -260,19 +262,21 @@ class StagedDir:
         ... write into stage.path ...
         stage.commit()          # or use it as a context manager (commit on success, discard on error)
 
-    ``marker``: a file that marks ``final`` as a folder of this kind; an existing non-empty ``final`` without
-    it is refused (``FileExistsError``) instead of being replaced. A leftover staging folder of a killed or
+    ``marker``: a file name or glob (or several) that marks ``final`` as a folder of this kind; an existing
+    non-empty ``final`` without any is refused (``FileExistsError``) instead of being replaced. A leftover staging folder of a killed or
     failed writer is removed here, and a ``final`` left missing by a killed non-atomic swap is restored.
     """
 
-    def __init__(self, final: str | os.PathLike, *, marker: str | None = None):
+    def __init__(self, final: str | os.PathLike, *, marker: str | tuple[str, ...] | None = None):
         self.final = Path(final)
         parent = self.final.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._recover()
-        if marker and self.final.is_dir() and any(self.final.iterdir()) and not (self.final / marker).exists():
-            raise FileExistsError(f"{self.final} exists and is not a previous output of this kind (no {marker}); "
-                                  f"refusing to replace it: choose a new or empty folder")
+        markers = (marker,) if isinstance(marker, str) else tuple(marker or ())
+        if (markers and self.final.is_dir() and any(self.final.iterdir())
+                and not any(next(self.final.glob(m), None) is not None for m in markers)):
+            raise FileExistsError(f"{self.final} exists and is not a previous output of this kind (no "
+                                  f"{' / '.join(markers)}); refusing to replace it: choose a new or empty folder")
         if self.final.exists() and not self.final.is_dir():
             raise NotADirectoryError(f"{self.final} exists and is not a folder")
         remove_stale_temps(parent, only_name=self.final.name)

@@ -488,3 +488,91 @@ def test_typod_checkpoint_cli_is_one_line_exit_2(tmp_path):
     res = _cli("filter", "--candidates", cand, "--out", tmp_path / "f", "--param", f"clip.checkpoint={tmp_path}/typo.pt")
     _one_line_error(res, "filter.clip.checkpoint", f"{tmp_path}/typo.pt")
     assert time.time() - t0 < 60 and not (tmp_path / "typo.pt").exists() and not (tmp_path / "f").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 6. export swap
+
+
+def _filter_dir(tmp_path, text):
+    from ris_utils.data import refer
+
+    _png(tmp_path / "images" / "im0.png")
+    m = np.zeros((40, 48), np.uint8)
+    m[5:20, 6:30] = 1
+    cand = {"text": text, "view": 0, "setting": "beam", "mode": "distinctive", "noun": "circle",
+            "noun_scores": [20.0], "caption_scores": [25.0], "doc": 2.5, "keep": True}
+    rec = {"image_id": 1, "file_name": "im0.png", "status": "ok", "error": None, "height": 40, "width": 48,
+           "n_masks": 1, "masks": [{"mask_index": 0, "segmentation": refer.encode_mask(m), "bbox": [6, 5, 24, 15],
+                                    "candidates": [cand], "survivors": [0], "fallback": None, "dropped": None}]}
+    d = tmp_path / f"filter_{text.replace(' ', '_')}"
+    d.mkdir(exist_ok=True)
+    (d / "records.jsonl").write_text(json.dumps(rec) + "\n")
+    return d
+
+
+def test_reexport_swaps_in_whole(tmp_path, monkeypatch):
+    from ris_utils import export
+    from ris_utils.data import refer
+
+    out = tmp_path / "export"
+    export.export_dataset(_filter_dir(tmp_path, "old circle"), out, images_dir=tmp_path / "images", images="copy")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = export.card_markdown
+
+    def dies(card):  # the re-export dies after refs, instances and candidates are written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "card_markdown", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_dataset(_filter_dir(tmp_path, "new circle"), out, images_dir=tmp_path / "images", images="copy")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(export, "card_markdown", real)
+    card = export.export_dataset(_filter_dir(tmp_path, "new circle"), out, images_dir=tmp_path / "images",
+                                 images="copy")
+    assert card["name"] == "export"
+    data = refer.load_refer(out, "refcoco+", "pseudo")
+    assert [s["sent"] for r in data.refs for s in r["sentences"]] == ["new circle"]
+    assert "new circle" in (out / "candidates.jsonl").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export")) == []  # leftovers removed
+    # an unrelated folder is never replaced by an export
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a previous output"):
+        export.export_dataset(_filter_dir(tmp_path, "x y"), tmp_path / "notes", images="none")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep"
+
+
+KILL_EXPORT = """
+import sys, time
+from ris_utils import export
+real = export.refer.write_refer
+def slow(*a, **k):
+    real(*a, **k)
+    open(sys.argv[3], "w").write("written")
+    time.sleep(60)
+export.refer.write_refer = slow
+export.export_dataset(sys.argv[1], sys.argv[2], images="none")
+"""
+
+
+def test_reexport_killed_with_sigkill_leaves_the_old_export(tmp_path):
+    from ris_utils import export
+
+    out = tmp_path / "export"
+    export.export_dataset(_filter_dir(tmp_path, "old circle"), out, images="none")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    script = tmp_path / "k.py"
+    script.write_text(KILL_EXPORT)
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, str(script), str(_filter_dir(tmp_path, "new circle")), str(out), str(flag)],
+                            env=_env())
+    deadline = time.time() + 120
+    while not flag.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert flag.exists()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export.export_dataset(_filter_dir(tmp_path, "newer circle"), out, images="none")  # the next one cleans up
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]
+    assert "newer circle" in (out / "candidates.jsonl").read_text()
