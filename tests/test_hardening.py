@@ -576,3 +576,25 @@ def test_reexport_killed_with_sigkill_leaves_the_old_export(tmp_path):
     export.export_dataset(_filter_dir(tmp_path, "newer circle"), out, images="none")  # the next one cleans up
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.")]
     assert "newer circle" in (out / "candidates.jsonl").read_text()
+
+
+def test_crafted_refs_pickle_never_runs_code(tmp_path):
+    import pickle
+
+    from ris_utils.data import refer
+
+    marker = tmp_path / "pwned.txt"
+    (tmp_path / "refcoco+").mkdir()
+    (tmp_path / "refcoco+" / "refs(unc).p").write_bytes(pickle.dumps([_Payload(marker)]))
+    (tmp_path / "refcoco+" / "instances.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(ValueError, match="refused global"):
+        refer.load_refer(tmp_path, "refcoco+", "unc")
+    assert not marker.exists()
+
+
+def test_runner_profile_error_is_one_line(tmp_path):
+    (tmp_path / "x.yaml").write_text("extends: y\nshared: {}\n")
+    (tmp_path / "y.yaml").write_text("extends: x\nshared: {}\n")
+    res = subprocess.run([sys.executable, "-m", "ris_utils.runs", "--profile", str(tmp_path / "x.yaml")], env=_env(),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    _one_line_error(res, "'extends' loops")
