@@ -221,6 +221,31 @@ def folder_lock(folder: str | os.PathLike, *, shared: bool = False, wait: float 
         os.close(fd)  # releases the flock
 
 
+def hold_folder_lock(folder: str | os.PathLike, **kw):
+    """:func:`folder_lock` taken now and held until the returned handle's ``release()`` (or until the handle is
+    garbage-collected / the process ends): for functions that write a folder from start to end."""
+    key = str(Path(folder).resolve() / kw.get("name", LOCK_NAME))
+    old = _HELD.pop(key, None)
+    if old is not None:  # left held by an earlier call of this process that died (e.g. a notebook cell's error)
+        old.release()
+    cm = folder_lock(folder, **kw)
+    cm.__enter__()
+    done = []
+
+    def release():
+        if not done:
+            done.append(1)
+            _HELD.pop(key, None)
+            cm.__exit__(None, None, None)
+
+    cm.release = release
+    _HELD[key] = cm
+    return cm
+
+
+_HELD: dict = {}
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text() or "{}")

@@ -598,3 +598,33 @@ def test_runner_profile_error_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "ris_utils.runs", "--profile", str(tmp_path / "x.yaml")], env=_env(),
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     _one_line_error(res, "'extends' loops")
+
+
+def test_training_into_a_busy_folder_is_refused(ris_run, tmp_path):
+    from ris_utils.ris.train import train
+
+    toy, _, cfg = ris_run
+    with fileio.folder_lock(tmp_path / "run", what="another training"):
+        with pytest.raises(fileio.FolderBusyError, match="another training"):
+            train(cfg, toy, tmp_path / "run", progress=False)
+    assert train(cfg, toy, tmp_path / "run", progress=False)["epochs"] == 1
+    # a run that died in this process (its lock still referenced by a traceback) does not block the next one
+    with pytest.raises(KeyboardInterrupt) as died:
+        _die_in_training(train, cfg, toy, tmp_path / "run2")
+    assert died.tb is not None
+    assert train(cfg, toy, tmp_path / "run2", progress=False)["epochs"] == 1
+
+
+def _die_in_training(train, cfg, toy, out):
+    import ris_utils.ris.train as t
+
+    real = t._write_logs
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    t._write_logs = dies
+    try:
+        train(cfg, toy, out, progress=False)
+    finally:
+        t._write_logs = real

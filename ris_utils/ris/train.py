@@ -388,8 +388,9 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         raise ValueError(f"ris.batch_size={cfg['batch_size']} must be divisible by the number of processes {world}")
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        from ris_utils.fileio import remove_stale_temps
+        from ris_utils.fileio import hold_folder_lock, remove_stale_temps
 
+        lock = hold_folder_lock(out, what="ris train")  # a second training into this folder is refused
         remove_stale_temps(out)  # .last.pt.tmp<PID> / .log.csv.tmp<PID> of a killed run
     ckpt_path = out / "last.pt"
     ckpt = load_ris_checkpoint(ckpt_path, "checkpoint to resume") if ckpt_path.exists() else None
@@ -495,6 +496,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             dist.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if master:
+        lock.release()
     return {"out": str(out), "epochs": len(history), "history": history, "checkpoint": str(ckpt_path)}
 
 
