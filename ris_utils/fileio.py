@@ -34,8 +34,8 @@ LOCK_NAME = ".lock"
 
 #: ``.<name>.<kind><PID>`` optionally followed by ``.<anything>``: a temp written by process PID.
 TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|staging|old)(?P<pid>\d+)(?:\..*)?$")
-#: ``tempfile.mkstemp`` names of older versions (``.<name>.<8 random chars>.tmp``): no PID to check.
-LEGACY_TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+#: temp names of older versions without a PID (``mkstemp``'s ``.<name>.<8 random chars>.tmp``, ``.log.csv.tmp``)
+LEGACY_TEMP_RE = re.compile(r"^\..+\.tmp$")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -294,6 +294,8 @@ class StagedDir:
 
     def __init__(self, final: str | os.PathLike, *, marker: str | tuple[str, ...] | None = None):
         self.final = Path(final)
+        if self.final.is_symlink():  # a link to a folder elsewhere (e.g. a big disk): swap the target, keep the link
+            self.final = self.final.resolve()
         parent = self.final.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._recover()

@@ -217,6 +217,15 @@ def test_staged_dir_swaps_in_whole_and_refuses_foreign_folders(tmp_path):
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
+def test_staged_dir_through_a_symlinked_folder_keeps_the_link(tmp_path):
+    (tmp_path / "disk" / "export").mkdir(parents=True)
+    (tmp_path / "disk" / "export" / "card.json").write_text("old")
+    os.symlink(tmp_path / "disk" / "export", tmp_path / "export")
+    with fileio.StagedDir(tmp_path / "export", marker="card.json") as st:
+        (st.path / "card.json").write_text("new")
+    assert (tmp_path / "export").is_symlink() and (tmp_path / "export" / "card.json").read_text() == "new"
+
+
 def test_staged_dir_recovers_a_swap_killed_half_way(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -387,11 +396,12 @@ def test_ris_checkpoint_resume_after_plain_data_rng_is_identical(ris_run, tmp_pa
     train({**cfg, "epochs": 2}, toy, tmp_path / "crash", progress=False, stop_after_epoch=1)
     stale = tmp_path / "crash" / f".last.pt.tmp{_dead_pid()}"
     stale.write_bytes(b"torn")
+    (tmp_path / "crash" / ".log.csv.tmp").write_text("torn")  # the PID-less name of older versions
     resumed = train({**cfg, "epochs": 2}, toy, tmp_path / "crash", progress=False)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "crash" / "last.pt", weights_only=True)
     assert a["steps_log"] == b["steps_log"] and full["history"][-1]["train_loss"] == resumed["history"][-1]["train_loss"]
-    assert not stale.exists()
+    assert not stale.exists() and not (tmp_path / "crash" / ".log.csv.tmp").exists()
 
 
 def _dead_pid():

@@ -391,7 +391,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         from ris_utils.fileio import hold_folder_lock, remove_stale_temps
 
         lock = hold_folder_lock(out, what="ris train")  # a second training into this folder is refused
-        remove_stale_temps(out)  # .last.pt.tmp<PID> / .log.csv.tmp<PID> of a killed run
+        remove_stale_temps(out, legacy=True)  # .last.pt.tmp<PID> / .log.csv.tmp<PID> of a killed run
     ckpt_path = out / "last.pt"
     ckpt = load_ris_checkpoint(ckpt_path, "checkpoint to resume") if ckpt_path.exists() else None
     if ckpt is not None:  # resume with the run's own settings (keeping overrides of epochs)
