@@ -638,3 +638,11 @@ def _die_in_training(train, cfg, toy, out):
         train(cfg, toy, out, progress=False)
     finally:
         t._write_logs = real
+
+
+def test_cli_into_a_busy_folder_is_one_line_exit_2(tmp_path):
+    _png(tmp_path / "imgs" / "a.png")
+    with fileio.folder_lock(tmp_path / "o", what="engine step 'masks'"):
+        res = _cli("masks", "--images", tmp_path / "imgs", "--out", tmp_path / "o", "--no-progress")
+    _one_line_error(res, str(tmp_path / "o"), "in use by another run", f"pid {os.getpid()}")
+    assert not (tmp_path / "o" / engine.RECORDS).exists()
