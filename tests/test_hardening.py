@@ -646,3 +646,18 @@ def test_cli_into_a_busy_folder_is_one_line_exit_2(tmp_path):
         res = _cli("masks", "--images", tmp_path / "imgs", "--out", tmp_path / "o", "--no-progress")
     _one_line_error(res, str(tmp_path / "o"), "in use by another run", f"pid {os.getpid()}")
     assert not (tmp_path / "o" / engine.RECORDS).exists()
+
+
+def test_checkpoints_of_earlier_versions_still_load_safely(ris_run, tmp_path):
+    """Written before the RNG state was plain data (numpy ndarray / scalars inside): loaded with weights_only."""
+    import torch
+
+    from ris_utils.ris.evaluate import load_checkpoint
+
+    _, run, _ = ris_run
+    ck = torch.load(run / "last.pt", weights_only=True)
+    ck["rng"]["numpy"] = np.random.get_state()
+    ck["history"][0]["train_loss"] = np.float64(ck["history"][0]["train_loss"])
+    torch.save(ck, tmp_path / "old.pt")
+    model, tok, cfg = load_checkpoint(tmp_path / "old.pt")
+    assert cfg["input_size"] == 32

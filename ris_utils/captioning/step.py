@@ -339,6 +339,10 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     n = engine.check_workers(workers, "captions.workers")
     if not jobs:
         return []
+    if captioner is None:
+        from ris_utils.train_captioner import check_captioner_checkpoint
+
+        check_captioner_checkpoint(cfg)  # a typo'd captions.pretrained fails here, before workers or training
     if n <= 1:
         captioner = captioner or load_captioner(cfg)
         return [{**_run_job(cfg, job, captioner, progress), "workers": 1} for job in jobs]
