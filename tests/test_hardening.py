@@ -481,6 +481,10 @@ def test_a_typod_checkpoint_path_fails_before_any_work_naming_setting_and_path(t
     ccfg = step_config("shapes", "captions", pretrained=str(tmp_path / "typo_coca.pt"))
     with pytest.raises(FileNotFoundError, match=r"captions\.pretrained .*typo_coca\.pt does not exist"):
         train_captioner.load_captioner(ccfg)
+    from ris_utils.captioning.step import run_caption_jobs
+
+    with pytest.raises(FileNotFoundError, match="typo_coca.pt"):
+        run_caption_jobs(ccfg, [{"split": "train", "mode": "naive", "out_dir": str(tmp_path / "c")}], workers=2)
     assert trained == [] and not typo.exists()
     # the profile's own default asset, when missing, is still trained on first use (announced)
     default = step_config("shapes", "filter")
