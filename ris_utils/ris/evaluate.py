@@ -17,12 +17,17 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, open_refer
 from ris_utils.ris.features import feature_stores
-from ris_utils.ris.train import DEFAULTS, build_tokenizer, evaluate_model, make_model
+from ris_utils.ris.train import (
+    DEFAULTS,
+    build_tokenizer,
+    evaluate_model,
+    load_model_state,
+    load_ris_checkpoint,
+    make_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +41,11 @@ def load_checkpoint(path, device="cpu"):
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train writes <out>/last.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_ris_checkpoint(path)  # weights_only=True: a crafted file cannot run code
     cfg = {**DEFAULTS, **ckpt["config"]}
     tok = build_tokenizer({**cfg, "tokenizer": ckpt["tokenizer"]})
     model = make_model(cfg, tok)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt, path)
     return model.to(device).eval(), tok, cfg
 
 

@@ -93,7 +93,32 @@ def resolve_config(cfg: dict) -> dict:
         if alias in given:
             margs.setdefault(key, given[alias])
     out["model_args"] = margs
+    check_settings(out)
     return out
+
+
+#: ``ris`` settings checked before any work: (key, kind, smallest value, None allowed).
+_NUMERIC = (("epochs", int, 1, False), ("batch_size", int, 1, False), ("input_size", int, 8, False),
+            ("word_len", int, 2, False), ("eval_batch_size", int, 1, False), ("num_workers", int, 0, False),
+            ("seed", int, None, False), ("threads", int, 1, True), ("val_max_refs", int, 1, True),
+            ("lr", float, 0.0, False), ("backbone_lr_mult", float, 0.0, False), ("weight_decay", float, 0.0, False),
+            ("grad_clip", float, 0.0, False), ("threshold", float, None, False), ("adam_eps", float, 0.0, False),
+            ("dice_weight", float, 0.0, False), ("train_steps", int, 1, True), ("val_every", int, 1, True),
+            ("feature_cache_mb", float, 0.0, True))
+
+
+def check_settings(cfg: dict) -> None:
+    """Refuse a non-numeric / out-of-range ``ris`` setting before any work, naming it (``ris.epochs=abc``)."""
+    for key, kind, lo, nullable in _NUMERIC:
+        v = cfg.get(key)
+        if v is None and nullable:
+            continue
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and (kind is float or v == int(v))
+        if not ok or (lo is not None and v < lo):
+            need = "an integer" if kind is int else "a number"
+            need += f" >= {lo}" if lo is not None else ""
+            raise ValueError(f"ris.{key} must be {need}{' or null' if nullable else ''}, got {v!r}; fix it in the "
+                             f"profile's ris section or --param {key}=...")
 
 
 class DistBatchNorm(nn.Module):
@@ -206,26 +231,118 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, sched: dict) ->
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},  # plain data, no ndarray
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    st = s["numpy"]
+    if isinstance(st, dict):
+        st = (st["kind"], st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"])
+    np.random.set_state(st)
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def plain(obj):
+    """``obj`` as data a ``torch.load(weights_only=True)`` reads: dicts, lists, tuples, str, numbers, None,
+    tensors (numpy scalars -> Python numbers, arrays -> tensors, paths and other objects -> str)."""
+    if isinstance(obj, torch.Tensor | str | bool | int | float | type(None)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v) for v in obj)
+    return str(obj)
+
+
 def atomic_save(obj, path: Path) -> None:
+    """``torch.save(plain(obj))`` through a temp file (``.<name>.tmp<PID>``, removed by the next run if this one
+    is killed) and ``os.replace``: a reader sees the old checkpoint or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)
 
 
+class CheckpointLoadError(ValueError):
+    """A RIS checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _legacy_numpy_globals() -> list:
+    """numpy's array / scalar reconstructors: checkpoints written before RNG states were stored as plain data
+    hold the numpy RNG state as an ndarray (reconstructing arrays runs no code; torch documents this list)."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    return [_reconstruct, scalar, np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
+            np.dtypes.Int64DType]
+
+
+def load_ris_checkpoint(path, what: str = "RIS checkpoint") -> dict:
+    """A training checkpoint (``<out>/last.pt``) read with ``torch.load(weights_only=True)``: a crafted file
+    cannot run code. Raises :class:`CheckpointLoadError` (one line naming the file and what to do) for a
+    missing, truncated or damaged file, a file holding Python objects, or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(f"{what} {path} does not exist (train writes <out>/last.pt); check the path")
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle_errors() as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            unsafe = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln][:1]
+            raise CheckpointLoadError(
+                f"{what} {path} holds Python objects that a safe load refuses ({'; '.join(unsafe) or first}): it was "
+                f"not written by `python -m ris_utils train` and loading it could run code; not loaded") from None
+        raise CheckpointLoadError(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: "
+                                  f"{first[:200]}); it is truncated or damaged: copy it again or retrain") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointLoadError(f"{what} {path} holds a {type(ckpt).__name__}, not a training checkpoint of "
+                                  f"`python -m ris_utils train`")
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if missing:
+        bare = ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        raise CheckpointLoadError(
+            f"{what} {path} " + ("is a bare state dict (weights only, no config / tokenizer)" if bare else
+                                 f"lacks {missing}") +
+            ": evaluate / resume need the <out>/last.pt that `python -m ris_utils train` writes")
+    return ckpt
+
+
+def pickle_errors() -> tuple:
+    import pickle
+    import zipfile
+
+    return (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError, KeyError)
+
+
+def load_model_state(model: nn.Module, ckpt: dict, path, what: str = "RIS checkpoint") -> None:
+    """``model.load_state_dict(ckpt["model"])``, failing with one line naming the file when the weights belong
+    to another architecture / version (missing or unexpected keys, shape mismatches)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointLoadError(
+            f"{what} {path} does not fit model {ckpt.get('config', {}).get('model')!r} built from its own config "
+            f"({msg[:300]}...): it was written for another architecture or by another version; retrain it") from None
+
+
 def _write_logs(out: Path, history: list, steps: list) -> None:
-    tmp = out / ".log.csv.tmp"
+    tmp = out / f".log.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "epoch", "loss", "lr"])
@@ -280,8 +397,12 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         raise ValueError(f"ris.batch_size={cfg['batch_size']} must be divisible by the number of processes {world}")
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        from ris_utils.fileio import hold_folder_lock, remove_stale_temps
+
+        lock = hold_folder_lock(out, what="ris train")  # a second training into this folder is refused
+        remove_stale_temps(out, legacy=True)  # .last.pt.tmp<PID> / .log.csv.tmp<PID> of a killed run
     ckpt_path = out / "last.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    ckpt = load_ris_checkpoint(ckpt_path, "checkpoint to resume") if ckpt_path.exists() else None
     if ckpt is not None:  # resume with the run's own settings (keeping overrides of epochs)
         cfg = {**ckpt["config"], "epochs": cfg["epochs"], "train_steps": cfg.get("train_steps"),
                "device": cfg.get("device", "auto")}
@@ -321,7 +442,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     # ---- model, optimizer
     model = make_model(cfg, tok).to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt, ckpt_path, "checkpoint to resume")
     stores = feature_stores(model, cfg, device)  # frozen towers: features computed once
     if world > 1:
         model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
@@ -400,6 +521,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             dist.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if master:
+        lock.release()
     return {"out": str(out), "epochs": len(history), "history": history, "checkpoint": str(ckpt_path)}
 
 
