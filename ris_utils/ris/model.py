@@ -327,13 +327,19 @@ class Projector(nn.Module):
         return out.transpose(0, 1)  # (B, 1, H, W)
 
 
-def ris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0) -> torch.Tensor:
-    """BCE-with-logits between logits (B, 1, h, w) and a mask (B, H, W) in {0, 1} resized (nearest) to h x w.
+def ris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0, target: str = "nearest"
+             ) -> torch.Tensor:
+    """BCE-with-logits between logits (B, 1, h, w) and a mask (B, H, W) in {0, 1} resized to h x w:
+    ``target="nearest"`` (CRIS: a {0, 1} target) or ``"area"`` (ours: the share of each logit cell the mask
+    covers, a soft target; at stride 8 a 14-px object is ~2 cells, and its coverage is what the threshold
+    reads after warping back).
 
     CRIS Eq. 6: L = -mean_x [ y_x log σ(z_x) + (1 - y_x) log(1 - σ(z_x)) ].
     (our choice, off by default) ``dice_weight`` > 0 adds ``dice_weight * mean_b (1 - 2|σ(z)·y| / (|σ(z)| + |y|))``.
     """
-    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode="nearest")
+    if target not in ("nearest", "area"):
+        raise ValueError(f"ris.loss_target must be nearest or area, got {target!r}")
+    target = F.interpolate(mask[:, None].float(), size=logits.shape[-2:], mode=target)
     loss = F.binary_cross_entropy_with_logits(logits, target)
     if dice_weight:
         p = torch.sigmoid(logits).flatten(1)

@@ -64,6 +64,7 @@ DEFAULTS = dict(
     adam_eps=1e-8,            # AdamW epsilon
     threads=None,             # torch CPU threads (None = torch's default); 1 avoids oversubscription
     dice_weight=0.0,          # (our choice, shapes) + dice loss; CRIS: 0 (BCE only)
+    loss_target="nearest",    # nearest (CRIS) | area: soft targets = mask coverage of each logit cell
     freeze="none",            # none (CRIS) | visual | text | both (ETRIS-style frozen towers, cached features)
     feature_cache=None,       # folder for the frozen image tower's features (shared by runs); None = memory only
     feature_cache_mb=None,    # memory bound of the in-memory feature copy (None = unbounded)
@@ -483,7 +484,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             feats = stores[0].batch(train_set.image_keys(batch["index"]), img) if stores[0] else None
             text = stores[1].batch(tokens) if stores[1] else None
             logits = model(None if feats else img, tokens, feats=feats, text=text)  # (B, 1, S/4, S/4)
-            loss = ris_loss(logits, mask, dice_weight=cfg["dice_weight"])
+            loss = ris_loss(logits, mask, dice_weight=cfg["dice_weight"], target=cfg.get("loss_target", "nearest"))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["grad_clip"]:
