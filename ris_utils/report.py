@@ -230,7 +230,7 @@ def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[d
     Returns the path of ``report.html``.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from ris_utils import engine
     from ris_utils.data.refer import decode_segmentation

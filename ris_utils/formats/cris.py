@@ -61,7 +61,7 @@ def write_cris(export_dir, out_dir, dataset: str | None = None, split_by: str | 
     """Write ``<out_dir>/anns/<dataset>/<split>.json`` + ``<out_dir>/masks/<dataset>/<segment_id>.png`` from the
     REFER export ``export_dir`` (dataset / split_by from its dataset card unless given). Returns counts."""
     from PIL import Image
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from ris_utils.data import refer as refer_io
 
@@ -76,8 +76,8 @@ def write_cris(export_dir, out_dir, dataset: str | None = None, split_by: str | 
     counts = {}
     for split in splits_for(dataset, split_by, data.refs):
         rows = []
-        for ref in tqdm(refer_io.select_split(data.refs, split), desc=f"cris {split}", unit="ref",
-                        disable=not progress):
+        sel = refer_io.select_split(data.refs, split)
+        for ref in tqdm(sel, desc=f"cris {split}", unit="ref", disable=not (progress and sel)):
             img = data.imgs[ref["image_id"]]
             if dataset == "refclef" and img["file_name"] in _REFCLEF_SKIPPED:
                 continue
