@@ -238,6 +238,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mode", default=None, choices=("link", "copy", "none"),
                     help="how images go into refer/images/train2014 (default: the profile's export.image_mode)")
     ap.add_argument("--no-report", action="store_true", help="skip report.html")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 when any image failed")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--param", action="append", default=[],
                     help="override a setting: section.key=value (e.g. masks.amg.points_per_side=16) or key=value")
@@ -252,7 +253,7 @@ def cli(argv: list[str] | None = None) -> int:
     if summary.get("merged") is False:
         return 0
     print(summary_text(summary, Path(args.out)))
-    return 0
+    return 1 if args.strict and summary["images_failed"] else 0
 
 
 __all__ = ["generate", "image_items", "step_configs", "summary_text", "cli"]

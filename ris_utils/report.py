@@ -108,7 +108,7 @@ h1{font-size:20px;margin:0 0 8px}#card{border-collapse:collapse;margin:8px 0;fon
 #controls{position:sticky;top:0;background:#fafafa;padding:8px 0;border-bottom:1px solid #ddd;z-index:2}
 #controls input,#controls select,#controls button{font:inherit;margin-right:8px}
 .item{display:flex;gap:12px;background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:8px;margin:10px 0}
-.item img{width:320px;max-width:40vw;height:auto;border-radius:4px;align-self:flex-start}
+.item img{width:320px;max-width:40vw;height:auto;border-radius:4px;align-self:flex-start;position:sticky;top:56px}
 .item h3{font-size:13px;margin:0 0 4px;word-break:break-all}.masks{flex:1;min-width:0}
 .mask{margin:4px 0 8px}.sw{display:inline-block;width:12px;height:12px;border-radius:2px;vertical-align:middle;
 margin-right:4px;border:1px solid #0003}.mask ul{margin:2px 0 0 18px;padding:0;columns:2 300px}.mask li{margin:1px 0}
@@ -172,6 +172,12 @@ function render(q, minDoc, keptOnly) {
     'page ' + (page + 1) + ' / ' + pages + ' · ' + view.length + ' of ' + DATA.images.length + ' images';
   document.body.setAttribute('data-rendered', String(g.children.length));
 }
+function fromHash() { const h = new URLSearchParams(location.hash.slice(1));
+  if (h.has('q')) document.getElementById('q').value = h.get('q');
+  if (h.has('mindoc')) document.getElementById('mindoc').value = h.get('mindoc');
+  if (h.has('kept')) document.getElementById('kept').checked = h.get('kept') === '1';
+  if (h.has('sort')) document.getElementById('sort').value = h.get('sort');
+  return Math.max(0, (parseInt(h.get('page') || '1', 10) || 1) - 1); }
 for (const id of ['q', 'mindoc', 'kept', 'sort']) document.getElementById(id).addEventListener('input', apply);
 document.getElementById('prev').onclick = () => { if (page > 0) { page--; render(...args()); } };
 document.getElementById('next').onclick = () => { page++; render(...args()); };
@@ -180,7 +186,7 @@ function args() { const q = document.getElementById('q').value.trim().toLowerCas
   return [q, isNaN(md) ? -Infinity : md, document.getElementById('kept').checked]; }
 window.addEventListener('load', () => { document.body.setAttribute('data-images-loaded',
   String([...document.querySelectorAll('#gallery img')].filter(i => i.complete && i.naturalWidth > 0).length)); });
-apply();
+const startPage = fromHash(); apply(); if (startPage) { page = startPage; render(...args()); }
 """
 
 
