@@ -107,7 +107,7 @@ def _step_view(summary: dict) -> dict:
 
 def generate(images, out_dir, profile: str = "shapes", formats="refer", workers: int | None = None,
              params: dict | None = None, report: bool = True, progress: bool = True,
-             image_mode: str | None = None) -> dict:
+             image_mode: str | None = None, report_max_images: int | None = 5000) -> dict:
     """Run masks -> captions -> filter -> export (+ formats, report) on the images under ``images``.
 
     Arguments:
@@ -117,6 +117,7 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
       workers: processes for captions and filtering (default: the profile's ``captions.workers`` /
         ``filter.workers``).
       params: nested overrides (see :func:`step_configs`). image_mode: link | copy | none (default: profile).
+      report_max_images: the report shows the first N images (None: all; see :func:`ris_utils.report.write_report`).
     Returns:
       the summary (also written to ``<out>/summary.json``); on a rank > 0 of torchrun, that rank's part only.
     """
@@ -184,7 +185,7 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
 
         t = time.perf_counter()
         write_report(fdir, out_dir, card=card, failures=[f for f in failures if f["step"] == "masks"],
-                     images_dir=ecfg["images"],
+                     images_dir=ecfg["images"], max_images=report_max_images,
                      progress=progress, title=f"Pseudo-RIS pseudo-supervision: {out_dir.name}")
         seconds["report"] = time.perf_counter() - t
 
@@ -239,6 +240,8 @@ def cli(argv: list[str] | None = None) -> int:
                     help="how images go into refer/images/train2014 (default: the profile's export.image_mode)")
     ap.add_argument("--no-report", action="store_true", help="skip report.html")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 when any image failed")
+    ap.add_argument("--report-max-images", type=int, default=5000,
+                    help="images shown in report.html (default 5000, ~20 KB each; 0 = all)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--param", action="append", default=[],
                     help="override a setting: section.key=value (e.g. masks.amg.points_per_side=16) or key=value")
@@ -246,7 +249,8 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = generate(args.images, args.out, args.profile, args.format, args.workers, parse_params(args.param),
-                           report=not args.no_report, progress=not args.no_progress, image_mode=args.image_mode)
+                           report=not args.no_report, progress=not args.no_progress, image_mode=args.image_mode,
+                           report_max_images=args.report_max_images or None)
     except (engine.ResumeMismatchError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

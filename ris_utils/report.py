@@ -72,11 +72,10 @@ def _mask_entry(k: int, m: dict) -> dict:
     surv = set(m.get("survivors") or [])
     by_text: dict[str, dict] = {}
     for i, c in enumerate(cands):
-        e = by_text.setdefault(c["text"], {"t": c["text"], "doc": None, "keep": False, "surv": False, "n": 0})
+        e = by_text.setdefault(c["text"], {"t": c["text"], "doc": None, "surv": False, "n": 0})
         d = c.get("doc")
         if d is not None and (e["doc"] is None or float(d) > float(e["doc"])):
             e["doc"] = float(d)
-        e["keep"] |= bool(c.get("keep"))
         e["surv"] |= (i in surv) and not m.get("dropped")
         e["n"] += 1
     exprs = sorted(by_text.values(), key=lambda e: (not e["surv"], -(e["doc"] if e["doc"] is not None else -1e300)))
@@ -191,12 +190,16 @@ const startPage = fromHash(); apply(); if (startPage) { page = startPage; render
 
 
 def _page(title: str, card: dict | None, data: dict, failures: list[dict]) -> str:
-    blob = json.dumps(data, ensure_ascii=False, sort_keys=True, allow_nan=False).replace("</", "<\\/")
+    blob = json.dumps(data, ensure_ascii=False, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    blob = blob.replace("</", "<\\/")
     fails = ""
     if failures:
         items = "".join(f"<li>{html.escape(str(f.get('file_name') or f.get('image_id')))}: "
                         f"{html.escape(str(f.get('error')))}</li>" for f in failures)
         fails = f"<details id='failures'><summary>{len(failures)} failed image(s)</summary><ul>{items}</ul></details>"
+    if data["n_ok"] > len(data["images"]):
+        fails = (f"<p id='truncated'>showing the first {len(data['images'])} of {data['n_ok']} images "
+                 "(report max_images)</p>") + fails
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{html.escape(title)}</title><style>{_CSS}</style></head>
@@ -224,7 +227,7 @@ distinctiveness (∞: no other mask scored).</p>
 
 def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[dict] | None = None,
                  images_dir=None, max_side: int = 320, title: str = "Pseudo-RIS pseudo-supervision",
-                 progress: bool = True) -> Path:
+                 progress: bool = True, max_images: int | None = None) -> Path:
     """Write ``<out_dir>/report.html`` + ``<out_dir>/report_files/`` from the filter records of ``filter_dir``.
 
     Arguments:
@@ -233,6 +236,8 @@ def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[d
       failures: extra ``[{"image_id", "file_name", "error"}]`` (e.g. images the masks step could not read);
         the filter records' own errors are added.
       images_dir: where images are when a record's ``path`` is missing.
+      max_images: put only the first N ok images in the page (its data is ~20 KB per image with 10 masks x
+        30 distinct captions: 2,000 images -> ~47 MB, which Chromium opens in ~3 s of CPU); None = all.
     Returns the path of ``report.html``.
     """
     from PIL import Image
@@ -248,7 +253,10 @@ def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[d
     records = list(engine.read_records(filter_dir))
     fails = list(failures or [])
     images = []
+    n_ok = sum(r.get("status") == "ok" for r in records)
     for n, rec in enumerate(tqdm(records, desc="report", unit="img", disable=not progress)):
+        if rec.get("status") == "ok" and max_images is not None and len(images) >= max_images:
+            continue
         if rec.get("status") != "ok":
             fails.append({"image_id": rec["image_id"], "file_name": rec.get("file_name"), "error": rec.get("error")})
             continue
@@ -267,7 +275,7 @@ def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[d
         images.append({"n": n, "id": str(rec["image_id"]), "file": str(rec.get("file_name") or rec["image_id"]),
                        "src": f"{FILES_DIR}/{name}", "w": int(overlay.shape[1]), "h": int(overlay.shape[0]),
                        "masks": [_mask_entry(k, m) for k, m in enumerate(ms)]})
-    data = {"page_size": PAGE_SIZE, "images": images}
+    data = {"page_size": PAGE_SIZE, "images": images, "n_ok": n_ok}
     out = out_dir / "report.html"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(_page(title, card, data, fails), encoding="utf-8")

@@ -69,7 +69,7 @@ def test_report_data_is_strict_json_with_dedup_and_dropped_masks(page):
     assert len(data["images"]) == N and data["page_size"] == 50
     im7 = data["images"][7]
     e = im7["masks"][0]["exprs"]
-    assert e[0] == {"t": "a cat number 7", "doc": "inf", "keep": True, "surv": True, "n": 2}
+    assert e[0] == {"t": "a cat number 7", "doc": "inf", "surv": True, "n": 2}
     assert e[1]["surv"] is False and e[1]["doc"] == 0.5
     assert im7["masks"][1]["dropped"] == "no_survivor" and not im7["masks"][1]["exprs"][0]["surv"]
     assert all((tmp / "out" / im["src"]).is_file() for im in data["images"])  # relative files inside <out>
@@ -113,3 +113,11 @@ def test_paging_filtering_and_sorting_in_headless_chromium(page):
     dom = _dom(browser, tmp, url + "#sort=doc")  # highest DoC first: inf, then 119, 118, ...
     files = re.findall(r'data-file="(im\d+)\.png"', dom)
     assert files[:3] == ["im007", "im119", "im118"]
+
+
+def test_max_images_caps_the_page_and_says_so(tmp_path):
+    out = report.write_report(_records(tmp_path), tmp_path / "out", progress=False, max_images=10)
+    html = out.read_text()
+    assert len(_data(html)["images"]) == 10 and "showing the first 10 of 120 images" in html
+    assert "bad.jpg" in html  # failures are still all listed
+
