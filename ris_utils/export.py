@@ -404,9 +404,8 @@ def cli_export(argv: list[str] | None = None) -> int:
                           split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
                           images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
                           dedupe=bool(cfg.get("dedupe", False)))
-    written = write_formats(args.out, [f for f in formats if f != "refer"])
     print(json.dumps(card["counts"], indent=2))
-    for fmt, info in written.items():
+    for fmt, info in write_formats(args.out, [f for f in formats if f != "refer"]).items():
         print(f"{fmt}: {info['dir']}")
     return 0
 

@@ -29,6 +29,7 @@ and rank 0 writes the outputs. Image ids are the paths relative to ``--images`` 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -168,10 +169,13 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     t = time.perf_counter()
     ecfg = cfgs["export"]
     refer_dir = out_dir / "refer"
+    # the export's sentence-selection settings the installed export_dataset knows (e.g. max_sentences_per_ref)
+    known = inspect.signature(export.export_dataset).parameters
+    extra = {k: ecfg[k] for k in ("max_sentences_per_ref", "order") if k in known and ecfg.get(k) is not None}
     card = export.export_dataset(fdir, refer_dir, dataset=ecfg.get("dataset", export.DEFAULT_DATASET),
                                  split_by=ecfg.get("split_by", export.DEFAULT_SPLIT_BY),
                                  images=image_mode or ecfg.get("image_mode", "link"), images_dir=ecfg["images"],
-                                 dedupe=bool(ecfg.get("dedupe", False)), name=out_dir.name)
+                                 dedupe=bool(ecfg.get("dedupe", False)), name=out_dir.name, **extra)
     written = write_formats(refer_dir, [f for f in fmts if f != "refer"], out_root=out_dir, progress=progress)
     seconds["export"] = time.perf_counter() - t
 
