@@ -121,17 +121,63 @@ def test_rerun_after_sigkill_gives_the_uninterrupted_output(run):
 
 
 # ------------------------------------------------------------------ CRIS / ETRIS tools/data_process.py
-# A re-implementation of the logic of CRIS.pytorch's tools/data_process.py (and of the REFER toolkit calls it
-# makes: getRefIds(split), getRefBox, getMask, loadImgs), written for this test without OpenCV: it reads the
-# REFER files directly, as refer.py does, and writes what that script writes.
+# A re-implementation of the logic of CRIS.pytorch's tools/data_process.py, written for this test without
+# OpenCV. It talks to the REFER toolkit's API (REFER(data_root, dataset, splitBy), getRefIds(split=),
+# Refs, getRefBox, loadImgs, getMask): the real refer.py when REFER_TOOLKIT_PY names it, else the behavioural
+# model in tests/fixtures/refer_toolkit.py when present, else the minimal model below.
+
+
+class _MiniRefer:
+    """What data_process.py uses of the REFER toolkit (reads the files as refer.py does)."""
+
+    def __init__(self, data_root, dataset, splitBy):
+        d = Path(data_root) / dataset
+        self.refs = pickle.load(open(d / f"refs({splitBy}).p", "rb"))
+        inst = json.loads((d / "instances.json").read_text())
+        self.Anns = {a["id"]: a for a in inst["annotations"]}
+        self.Imgs = {im["id"]: im for im in inst["images"]}
+        self.Refs = {r["ref_id"]: r for r in self.refs}
+        self.refToAnn = {r["ref_id"]: self.Anns[r["ann_id"]] for r in self.refs}
+        self.IMAGE_DIR = str(Path(data_root) / "images" / "train2014")
+
+    def getRefIds(self, split=""):
+        if split in ("testA", "testB", "testC"):
+            sel = [r for r in self.refs if split[-1] in r["split"]]
+        elif split == "test":
+            sel = [r for r in self.refs if "test" in r["split"]]
+        else:
+            sel = [r for r in self.refs if r["split"] == split]
+        return [r["ref_id"] for r in sel]
+
+    def getRefBox(self, ref_id):
+        return self.refToAnn[ref_id]["bbox"]
+
+    def loadImgs(self, image_ids):
+        return [self.Imgs[i] for i in (image_ids if isinstance(image_ids, list) else [image_ids])]
+
+    def getMask(self, ref):
+        ann, image = self.refToAnn[ref["ref_id"]], self.Imgs[ref["image_id"]]
+        if type(ann["segmentation"][0]) is list:
+            rle = mask_utils.frPyObjects(ann["segmentation"], image["height"], image["width"])
+        else:
+            rle = ann["segmentation"]
+        return {"mask": np.sum(mask_utils.decode(rle), axis=2).astype(np.uint8)}
+
+
+def _refer_class():
+    fixtures = Path(__file__).parent / "fixtures"
+    if (fixtures / "refer_toolkit.py").is_file():
+        sys.path.insert(0, str(fixtures))
+        try:
+            from refer_toolkit import load_refer_class
+        finally:
+            sys.path.pop(0)
+        return load_refer_class()[0]
+    return _MiniRefer
+
 
 def _data_process(data_root: Path, dataset: str, split_by: str, output_dir: Path) -> None:
-    refs = pickle.load(open(data_root / dataset / f"refs({split_by}).p", "rb"))
-    inst = json.loads((data_root / dataset / "instances.json").read_text())
-    Anns = {a["id"]: a for a in inst["annotations"]}
-    Imgs = {im["id"]: im for im in inst["images"]}
-    Refs = {r["ref_id"]: r for r in refs}
-    refToAnn = {r["ref_id"]: Anns[r["ann_id"]] for r in refs}
+    refer_api = _refer_class()(str(data_root), dataset, split_by)
 
     def cat_process(cat):  # as in data_process.py
         if 1 <= cat <= 11:
@@ -154,44 +200,35 @@ def _data_process(data_root: Path, dataset: str, split_by: str, output_dir: Path
             cat = cat - 11
         return cat
 
-    def get_ref_ids(split):
-        if split in ("testA", "testB", "testC"):
-            sel = [r for r in refs if split[-1] in r["split"]]
-        elif split == "test":
-            sel = [r for r in refs if "test" in r["split"]]
-        else:
-            sel = [r for r in refs if r["split"] == split]
-        return [r["ref_id"] for r in sel]
-
-    def get_mask(ref):
-        ann, image = refToAnn[ref["ref_id"]], Imgs[ref["image_id"]]
-        if type(ann["segmentation"][0]) is list:
-            rle = mask_utils.frPyObjects(ann["segmentation"], image["height"], image["width"])
-        else:
-            rle = ann["segmentation"]
-        m = mask_utils.decode(rle)
-        m = np.sum(m, axis=2).astype(np.uint8)
-        return {"mask": m}
-
     ann_path, mask_path = output_dir / "anns" / dataset, output_dir / "masks" / dataset
     ann_path.mkdir(parents=True, exist_ok=True)
     mask_path.mkdir(parents=True, exist_ok=True)
     for split in ["train", "val", "testA", "testB"]:  # data_process.py's list for refcoco / refcoco+
         dataset_array = []
-        for i in get_ref_ids(split):
-            ref = Refs[i]
-            bbox = refToAnn[i]["bbox"]
+        for i in refer_api.getRefIds(split=split):
+            ref = refer_api.Refs[i]
+            bbox = refer_api.getRefBox(i)
+            img_name = refer_api.loadImgs([ref["image_id"]])[0]["file_name"]
             x_min, y_min = int(bbox[0]), int(bbox[1])
             box = list(map(int, [x_min, y_min, x_min + int(bbox[2]), y_min + int(bbox[3])]))
-            ref_dict = {"bbox": box, "cat": cat_process(ref["category_id"]), "segment_id": i,
-                        "img_name": Imgs[ref["image_id"]]["file_name"]}
-            Image.fromarray(get_mask(ref)["mask"] * 255).save(mask_path / f"{i}.png")  # cv2.imwrite there
+            ref_dict = {"bbox": box, "cat": cat_process(ref["category_id"]), "segment_id": i, "img_name": img_name}
+            Image.fromarray(refer_api.getMask(ref)["mask"] * 255).save(mask_path / f"{i}.png")  # cv2.imwrite there
             sents = [{"idx": k, "sent_id": s["sent_id"], "sent": s["sent"].strip()} for k, s in enumerate(ref["sentences"])]
             ref_dict["sentences"] = sents
             ref_dict["sentences_num"] = len(sents)
             dataset_array.append(ref_dict)
         with open(output_dir / "anns" / dataset / (split + ".json"), "w") as f:
             json.dump(dataset_array, f)
+
+
+def test_the_refer_toolkit_opens_the_export(run):
+    r = _refer_class()(str(run["ref"] / "refer"), "refcoco+", "pseudo")
+    ids = r.getRefIds(split="train")
+    assert len(ids) == run["summary"]["masks_exported"]
+    for i in ids:
+        img = r.loadImgs([r.Refs[i]["image_id"]])[0]
+        assert os.path.isfile(os.path.join(r.IMAGE_DIR, img["file_name"]))
+        assert r.getMask(r.Refs[i])["mask"].shape == (img["height"], img["width"])
 
 
 def test_cris_format_is_what_data_process_writes(run, tmp_path):
