@@ -356,3 +356,13 @@ def test_generate_on_the_paper_tiny_sample_photos(tmp_path):
     for p in ("report.html", "cris/anns/refcoco+/train.json", "hf/data/train-00000-of-00001.parquet",
               "refer/refcoco+/refs(pseudo).p"):
         assert (tmp_path / "gen" / p).is_file(), p
+
+
+def test_image_items_recurse_skip_the_output_folder_and_other_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ("x.jpg", "a/x.JPG", "a/b/y.webp", "a/b/z.png", "notes.txt", "out/report_files/000000.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    items = generate.image_items(tmp_path, exclude=tmp_path / "out")
+    assert [it["image_id"] for it in items] == ["a/b/y.webp", "a/b/z.png", "a/x.JPG", "x.jpg"]
+    assert all(it["file_name"] == it["image_id"] and Path(it["path"]).is_file() for it in items)
