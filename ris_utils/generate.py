@@ -137,7 +137,8 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     items = image_items(images, exclude=out_dir)
     for sec in ("captions", "filter", "export"):  # file_name = path under --images (records without a path)
         cfgs[sec]["images"] = str(Path(images).resolve())
-    _ensure_random_checkpoints(profile)
+    if rank == 0:  # before the masks step, whose end (a barrier under torchrun) precedes any captioner load
+        _ensure_random_checkpoints(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / "work"
     seconds = {}
