@@ -26,6 +26,7 @@ COMMANDS = {
     "mix": ("ris_utils.export", "semi-supervised mix of human and pseudo refs"),
     "train": ("ris_utils.ris.train", "train the CRIS-style RIS model on a REFER-format dataset"),
     "evaluate": ("ris_utils.ris.evaluate", "evaluate a RIS checkpoint (mIoU, oIoU, Pr@X)"),
+    "generate": ("ris_utils.generate", "masks -> captions -> filter -> export (+ report, formats) on a folder"),
     "download": ("ris_utils.download", "download datasets and checkpoints for the paper profile"),
 }
 

@@ -406,8 +406,16 @@ def cli_export(argv: list[str] | None = None) -> int:
     ap.add_argument("--unfiltered", action="store_true", help="every candidate a sentence (ablation rows)")
     ap.add_argument("--images", default=None, help="source image folder (default: <data_root>/images)")
     ap.add_argument("--image-mode", default=None, choices=IMAGE_MODES, help="link (default) | copy | none")
+    ap.add_argument("--format", default="refer",
+                    help="comma-separated: refer,cris,hf (cris -> <out>/cris, hf -> <out>/hf; ris_utils.formats)")
     ap.add_argument("--param", action="append", default=[])
     args = ap.parse_args(argv)
+    from ris_utils.formats import parse_formats, write_formats
+
+    try:
+        formats = parse_formats(args.format)
+    except ValueError as e:
+        ap.error(str(e))
     if not (Path(args.candidates) / "records.jsonl").is_file():
         ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
     cfg = step_config(args.profile, "export", **parse_params(args.param))
@@ -418,6 +426,8 @@ def cli_export(argv: list[str] | None = None) -> int:
                           images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
                           dedupe=bool(cfg.get("dedupe", False)))
     print(json.dumps(card["counts"], indent=2))
+    for fmt, info in write_formats(args.out, [f for f in formats if f != "refer"]).items():
+        print(f"{fmt}: {info['dir']}")
     return 0
 
 

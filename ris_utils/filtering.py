@@ -398,7 +398,10 @@ def build_clip(cfg: dict, device=None):
             logger.warning("filter: %s (the profile's own CLIP checkpoint) is missing: training the shapes CLIP "
                            "now (clip.train_if_missing; a few minutes on CPU)", ckpt)
             train_clip(cfg, out=ckpt)
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        from ris_utils.models import quiet_random_init
+
+        with quiet_random_init():  # the checkpoint is loaded just below
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         sd = state.get("state_dict", state)
         sd = {k: v.float() for k, v in sd.items()}

@@ -57,3 +57,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+class _RandomInitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+class quiet_random_init:
+    """Context manager: hide open_clip's root-logger warning "No pretrained weights loaded for model ...
+    Model initialized randomly." while building a model whose weights are loaded right after (a committed
+    checkpoint). Every other log record passes."""
+
+    def __enter__(self):
+        self._filter = _RandomInitFilter()
+        logging.getLogger().addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self._filter)
+        return False

@@ -338,7 +338,10 @@ def _load_word_checkpoint(path: Path, card: dict, cfg: dict) -> Captioner:
     name = cfg.get("model", "coca_shapes")
     mcfg = model_config(name, tok.vocab_size)
     tok.context_length = int(mcfg["text_cfg"]["context_length"])
-    model = _create(name, mcfg, None)
+    from ris_utils.models import quiet_random_init
+
+    with quiet_random_init():  # the checkpoint is loaded just below
+        model = _create(name, mcfg, None)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state.items()})

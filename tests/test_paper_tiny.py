@@ -145,6 +145,7 @@ EXPECTED_KEYS = {
     "03": ["export.pseudo_ris.masks_exported", "export.pseudo_ris.expressions"],
     "04": ["ris.n_runs", "ris.train.pseudo_ris.refcoco+.val.mIoU_seed_mean"],
     "05": ["ris.pseudo_ris.refcoco+.val.mIoU", "ris.pseudo_ris.refcoco+.testB.oIoU"],
+    "06": ["generate.masks_exported", "generate.expressions"],
 }
 
 

@@ -211,7 +211,10 @@ def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path
     if path.is_file() and card_file.is_file() and json.loads(card_file.read_text()) == card:
         return path
     torch.manual_seed(int(seed))
-    net = open_clip.create_model(model, pretrained=None, device="cpu")
+    from ..models import quiet_random_init
+
+    with quiet_random_init():  # random on purpose: the card says so
+        net = open_clip.create_model(model, pretrained=None, device="cpu")
     if hasattr(net, "text_decoder"):
         from ..captioning.tiny import init_uninitialised
 
