@@ -24,6 +24,7 @@ COMMANDS = {
     "filter": ("ris_utils.filtering", "step 3: distinctiveness (DoC) filtering of candidates"),
     "export": ("ris_utils.export", "write filtered candidates as a REFER-format dataset"),
     "mix": ("ris_utils.export", "semi-supervised mix of human and pseudo refs"),
+    "pretrain": ("ris_utils.ris.pretrain", "pretrain the shapes world's dense CLIP for the RIS model"),
     "train": ("ris_utils.ris.train", "train the CRIS-style RIS model on a REFER-format dataset"),
     "evaluate": ("ris_utils.ris.evaluate", "evaluate a RIS checkpoint (mIoU, oIoU, Pr@X)"),
     "generate": ("ris_utils.generate", "masks -> captions -> filter -> export (+ report, formats) on a folder"),

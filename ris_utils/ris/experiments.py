@@ -161,10 +161,11 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
     val_spec = {"path": str(data_root), "dataset": val["dataset"], "split_by": val.get("split_by", split_by)} if val \
         else None
     jobs = []
+    by_trainset = ex.get("seeds_by_trainset") or {}  # e.g. {gt: [0]}: fewer seeds for some rows
     for ts in trainsets:
         if ts not in ALL_TRAINSETS:
             raise ValueError(f"ris.experiments.trainsets: unknown training set {ts!r}; use {ALL_TRAINSETS}")
-        for seed in seeds:
+        for seed in [int(s) for s in by_trainset.get(ts, seeds)]:
             if ts in PSEUDO_TRAINSETS:
                 path = export_dir / ts
                 if not path.is_dir():
@@ -375,3 +376,28 @@ def collect(runs_dir) -> list[dict]:
                                            *(f"pick_acc_{a}" for a in ATTRIBUTE_KINDS))}
                     | {"path": str(p)})
     return rows
+
+
+def curves(jobs: list[Job]) -> list[dict]:
+    """The pick-vs-step curves of finished jobs (``<out>/curve.json``, written when ``ris.val_every`` is set):
+    one record per (job, evaluated step) with ``trainset``, ``style``, ``seed``, ``step``, ``pick_acc``, ``mIoU``."""
+    rows = []
+    for j in jobs:
+        p = Path(j.out) / "curve.json"
+        if p.is_file():
+            rows += [{"trainset": j.trainset, "style": j.style or "any", "seed": j.seed, **c}
+                     for c in json.loads(p.read_text())]
+    return rows
+
+
+def pretrain_card(cfg: dict) -> dict | None:
+    """The card of the RIS model's pretrained CLIP (``<pretrained minus .pt>.json``), when it has one: data,
+    seed, steps, time and the training-free pick accuracies of :func:`ris_utils.ris.pretrain.pick_accuracy`."""
+    from ris_utils.profiles import project_root
+
+    pre = cfg.get("pretrained")
+    if not isinstance(pre, str) or not pre.endswith(".pt"):
+        return None
+    p = Path(pre)
+    p = (p if p.is_absolute() else project_root() / p).with_suffix(".json")
+    return json.loads(p.read_text()) if p.is_file() else None

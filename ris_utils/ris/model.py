@@ -79,6 +79,20 @@ def attnpool_dense(pool: nn.Module, x: torch.Tensor, training: bool = False) -> 
     return x.permute(1, 2, 0).reshape(b, -1, h, w)
 
 
+def attnpool_values(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaskCLIP's dense features (Zhou et al., ECCV 2022): CLIP's attention pool with every position attending
+    only to itself -- ``c_proj(v_proj(x + pos))`` at each position -> (B, embed_dim, H, W). Local by construction
+    (each output sees its own layer4 feature), where :func:`attnpool_dense` mixes all positions."""
+    b, c, h, w = x.shape
+    side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
+    pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+    if (side, side) != (h, w):
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    v = F.linear((x + pos.to(x.dtype)).flatten(2).transpose(1, 2), pool.v_proj.weight, pool.v_proj.bias)
+    out = F.linear(v, pool.c_proj.weight, pool.c_proj.bias)  # (B, HW, E)
+    return out.transpose(1, 2).reshape(b, -1, h, w)
+
+
 def visual_trunk(visual: nn.Module, img: torch.Tensor):
     """``ModifiedResNet`` stem + layers: img (B, 3, S, S) -> (C3 = layer2, C4 = layer3, layer4) maps."""
     x = visual.stem(img.to(visual.conv1.weight.dtype))
@@ -87,10 +101,17 @@ def visual_trunk(visual: nn.Module, img: torch.Tensor):
     return c3, c4, visual.layer4(c4)
 
 
-def dense_map(visual: nn.Module, img: torch.Tensor) -> torch.Tensor:
-    """The dense C5 map of a CLIP image tower without CRIS's (new) shortcut: attention pool at every
-    position of layer4 -> (B, embed_dim, S/s5, S/s5); what :mod:`ris_utils.ris.pretrain` aligns with text."""
-    return attnpool_dense(visual.attnpool, visual_trunk(visual, img)[2], visual.training)
+def dense_map(visual: nn.Module, img: torch.Tensor, kind: str = "attn") -> torch.Tensor:
+    """The dense C5 map of a CLIP image tower (without CRIS's new shortcut) -> (B, embed_dim, S/s5, S/s5):
+    ``kind="attn"``: the attention pool at every position of layer4 (:func:`attnpool_dense`, CRIS's C5);
+    ``"value"``: MaskCLIP's value path (:func:`attnpool_values`). What :mod:`ris_utils.ris.pretrain` aligns
+    with text."""
+    l4 = visual_trunk(visual, img)[2]
+    if kind == "value":
+        return attnpool_values(visual.attnpool, l4)
+    if kind != "attn":
+        raise ValueError(f"dense map kind must be attn or value, got {kind!r}")
+    return attnpool_dense(visual.attnpool, l4, visual.training)
 
 
 def set_c5_stride(visual: nn.Module, stride: int) -> nn.Module:
@@ -135,6 +156,7 @@ class CLIPBackbone(nn.Module):
         self.register_buffer("attn_mask", clip.attn_mask[:word_len, :word_len].clone(), persistent=False)
         self.word_len = int(word_len)
         self.eot_token_id = int(eot_token_id)
+        self.values = False  # trunk() also returns MaskCLIP's dense values (attnpool_values)
         pool = self.visual.attnpool
         c5_in = pool.k_proj.in_features
         c5_out = pool.c_proj.out_features
@@ -150,12 +172,15 @@ class CLIPBackbone(nn.Module):
         """The text-independent CLIP part (frozen with the image tower, cacheable): img (B, 3, S, S) ->
         (C3, C4, layer4 map, attention pool at every layer4 position (:func:`attnpool_dense`))."""
         c3, c4, l4 = visual_trunk(self.visual, img)
-        return c3, c4, l4, attnpool_dense(self.visual.attnpool, l4, self.visual.training)
+        out = (c3, c4, l4, attnpool_dense(self.visual.attnpool, l4, self.visual.training))
+        if self.values:  # MaskCLIP's dense values, for CRIS.clip_prior = "value"
+            out += (attnpool_values(self.visual.attnpool, l4),)
+        return out
 
     def finish(self, feats):
         """(C3, C4, layer4, pooled) of :meth:`trunk` -> (C3, C4, C5) with C5 = ReLU(pooled + shortcut(layer4))
         (CRIS; the shortcut is new and always trained)."""
-        c3, c4, l4, a5 = feats
+        c3, c4, l4, a5 = feats[:4]
         return c3, c4, F.relu(a5 + self.c5_shortcut(l4))
 
     def encode_image(self, img: torch.Tensor):
@@ -208,15 +233,23 @@ class FPN(nn.Module):
         self.aggr = conv_bn_relu(3 * o4, o4, 1, 0)
         self.coord = nn.Sequential(CoordConv(o4, o4, 3, 1), conv_bn_relu(o4, o4, 3, 1))
 
-    def forward(self, feats, state):
+    def image_part(self, feats):
+        """The sentence-independent projections of (C3, C4, C5): computed once per image when several sentences
+        share it (evaluation, BatchNorm in eval mode) -> (p5, p4, p3 pooled to stride 16)."""
         v3, v4, v5 = feats
+        return self.f5_proj(v5), self.f4_proj(v4), F.adaptive_avg_pool2d(self.f3_proj(v3), v4.shape[-2:])
+
+    def forward(self, feats, state, index: torch.Tensor | None = None):
+        """``index`` (B,): row of ``feats`` (one per image) for each sentence of ``state`` (default: the same row)."""
+        p5, p4, p3 = self.image_part(feats)
+        if index is not None:
+            p5, p4, p3 = p5[index], p4[index], p3[index]
         s = self.txt_proj(state)[:, :, None, None]  # (B, o5, 1, 1)
-        f5 = self.f5_norm(self.f5_proj(v5) * s)  # stride 32: multiplicative text fusion
-        f5_up = F.interpolate(f5, size=v4.shape[-2:], mode="bilinear", align_corners=False)
-        f4 = self.f4_cat(torch.cat([self.f4_proj(v4), f5_up], 1))  # stride 16
-        f3 = F.adaptive_avg_pool2d(self.f3_proj(v3), v4.shape[-2:])  # stride 8 -> 16
-        f3 = self.f3_cat(torch.cat([f3, f4], 1))
-        q5 = F.interpolate(self.q5(f5), size=v4.shape[-2:], mode="bilinear", align_corners=False)
+        f5 = self.f5_norm(p5 * s)  # stride 32 (CRIS) / 16: multiplicative text fusion
+        f5_up = F.interpolate(f5, size=p4.shape[-2:], mode="bilinear", align_corners=False)
+        f4 = self.f4_cat(torch.cat([p4, f5_up], 1))  # stride 16
+        f3 = self.f3_cat(torch.cat([p3, f4], 1))  # stride 8 pooled to 16
+        q5 = F.interpolate(self.q5(f5), size=p4.shape[-2:], mode="bilinear", align_corners=False)
         fq = self.aggr(torch.cat([self.q3(f3), self.q4(f4), q5], 1))
         return self.coord(fq)  # (B, o4, S/16, S/16)
 
@@ -358,7 +391,7 @@ class CRIS(nn.Module):
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
                  dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None,
-                 proj_upsample: int = 4, clip_prior: bool = False):
+                 proj_upsample: int = 4, clip_prior: str | bool | None = None, prior_feature: bool = False):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -371,8 +404,16 @@ class CRIS(nn.Module):
         self.pad_token_id = int(pad_token_id)
         self.frozen: tuple = ()  # CLIP towers frozen by :meth:`freeze`
         # (ours, off in CRIS) the pretrained CLIP's own text-to-pixel score as a residual logit:
-        # prior(x) = a * (cos(D(x), s) - b), D = dense C5 attention-pool map, s = sentence embedding
-        self.clip_prior = nn.Parameter(torch.tensor([10.0, 0.3])) if clip_prior else None
+        # prior(x) = a * cos(D(x), s) + b, D = dense C5 attention-pool map, s = sentence embedding
+        if clip_prior is True:
+            clip_prior = "attn"
+        if clip_prior not in (None, False, "attn", "value"):
+            raise ValueError(f"clip_prior must be null, attn or value, got {clip_prior!r}")
+        self.prior_kind = clip_prior or None  # attn: CRIS's dense C5 attention pool; value: MaskCLIP's values
+        backbone.values = self.prior_kind == "value"
+        self.clip_prior = nn.Parameter(torch.tensor([10.0, -4.0])) if clip_prior else None
+        # (ours) the prior map also enters the decoder's input (stride 16), so the mask head can follow it
+        self.prior_feature = conv_bn_relu(1, fpn_out[1], 1, 0) if (clip_prior and prior_feature) else None
         if prior:
             self.proj.init_prior(float(prior))
 
@@ -384,28 +425,40 @@ class CRIS(nn.Module):
         """(words (B, L, W), sentence (B, E)) for :meth:`forward`'s ``text``."""
         return self.backbone.encode_text(tokens)
 
-    def forward(self, img: torch.Tensor | None, tokens: torch.Tensor, feats=None, text=None) -> torch.Tensor:
+    def forward(self, img: torch.Tensor | None, tokens: torch.Tensor, feats=None, text=None,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
         """``feats`` = :meth:`encode_image` output for these samples (then ``img`` is not used): several
         sentences about one image share one image encoding (evaluation), and a frozen image tower's features
         are computed once per image (:mod:`ris_utils.ris.features`); ``text`` = :meth:`encode_text` output
-        (a frozen text tower's features, cached per sentence)."""
+        (a frozen text tower's features, cached per sentence). ``image_index`` (B,): ``feats`` hold one row per
+        IMAGE and sentence b is about image ``image_index[b]``; the sentence-independent part of the neck then
+        runs once per image (eval mode only: in training BatchNorm would see other batch statistics)."""
         pad_mask = tokens == self.pad_token_id  # (B, L)
         if feats is None:
             feats = self.backbone.trunk(img)
+        if image_index is not None and self.training:
+            raise ValueError("image_index is for evaluation (model.eval()) only")
         words, state = text if text is not None else self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
-        fq = self.neck(self.backbone.finish(feats), state)  # (B, D, S/16, S/16)
+        fq = self.neck(self.backbone.finish(feats), state, index=image_index)  # (B, D, S/16, S/16)
+        prior = None
+        if self.clip_prior is not None:
+            dense = feats[4] if self.prior_kind == "value" else feats[3]
+            prior = self.prior_logits(dense if image_index is None else dense[image_index], state)  # (B, 1, h5, w5)
+            if self.prior_feature is not None:
+                fq = fq + self.prior_feature(F.interpolate(prior, size=fq.shape[-2:], mode="bilinear",
+                                                           align_corners=False))
         fq = self.decoder(fq, words, pad_mask)
         logits = self.proj(fq, state)  # (B, 1, S/4, S/4)
-        if self.clip_prior is not None:
-            logits = logits + F.interpolate(self.prior_logits(feats[3], state), size=logits.shape[-2:],
-                                            mode="bilinear", align_corners=False)
+        if prior is not None:
+            logits = logits + F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
     def prior_logits(self, dense: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """(B, E, h, w) dense C5 attention-pool map, (B, E) sentence -> (B, 1, h, w) ``a * (cos - b)``."""
+        """(B, E, h, w) dense C5 attention-pool map, (B, E) sentence -> (B, 1, h, w) ``a * cos + b``: the
+        pretrained CLIP's dense text-to-pixel score (MaskCLIP-style), as a residual of the CRIS logits."""
         cos = torch.einsum("behw,be->bhw", F.normalize(dense, dim=1), F.normalize(state, dim=-1))
         a, b = self.clip_prior
-        return (a * (cos - b))[:, None]
+        return (a * cos + b)[:, None]
 
     #: parameter-name prefixes of the two CLIP towers (what :meth:`freeze` freezes)
     TOWERS = {"visual": ("backbone.visual.",),
@@ -433,14 +486,20 @@ class CRIS(nn.Module):
                 m.eval()
         return self
 
-    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: the CLIP backbone at ``lr * backbone_lr_mult`` (CRIS: 0.1), the rest at ``lr``."""
+    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float, prior_lr_mult: float = 20.0
+                     ) -> list[dict]:
+        """AdamW groups: the CLIP backbone at ``lr * backbone_lr_mult`` (CRIS: 0.1), the rest at ``lr``; the
+        two numbers of the CLIP prior (scale, offset; in logit units) at ``lr * prior_lr_mult``, no decay."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # frozen towers: not optimised
         bb = [p for n, p in named if n.startswith("backbone.") and "c5_shortcut" not in n]
         bb_ids = {id(p) for p in bb}
-        rest = [p for n, p in named if id(p) not in bb_ids]
-        return [{"params": bb, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
-                {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
+        prior = [p for n, p in named if n == "clip_prior"]
+        rest = [p for n, p in named if id(p) not in bb_ids and id(p) not in {id(q) for q in prior}]
+        groups = [{"params": bb, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
+                  {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
+        if prior:
+            groups.append({"params": prior, "lr": lr * prior_lr_mult, "weight_decay": 0.0, "name": "clip_prior"})
+        return groups
 
 
 # --------------------------------------------------------------------------- builders

@@ -1,6 +1,6 @@
 """Pretrain the shapes world's CLIP for the RIS model -- the analogue of CRIS's web-pretrained CLIP RN50.
 
-    python -m ris_utils.ris.pretrain --profile shapes      # writes ris.pretrain.checkpoint + its card
+    python -m ris_utils pretrain --profile shapes      # writes ris.pretrain.checkpoint + its card
 
 Why: CRIS starts from OpenAI's CLIP, whose words are grounded already -- not only in its pooled image
 embedding but also, weakly, in its dense features (the premise of MaskCLIP, Zhou et al., ECCV 2022, and of
@@ -194,7 +194,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
             objs = [o for i in idx for o in objects[i]]
             caps = [generic_caption(o, rng) for o in objs]
             pos = torch.tensor([[fits(c, o) for c in caps] for o in objs])
-            dense = dense_map(model.visual, x)  # (B, D, g, g)
+            dense = dense_map(model.visual, x, cfg.get("dense", "attn"))  # (B, D, g, g)
             reg = F.normalize(region_embeddings(dense, [weights[i] for i in idx]), dim=-1)
             txt = F.normalize(model.encode_text(tok(caps)), dim=-1)
             loss = fit_loss(reg, txt, pos, model.logit_scale.exp())
@@ -229,7 +229,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
         "pick": picks, "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "note": "Not the paper's model: a tiny CLIP for the shapes world (paper/CRIS: OpenAI CLIP RN50).",
-        "trained_with": "python -m ris_utils.ris.pretrain --profile shapes",
+        "trained_with": "python -m ris_utils pretrain --profile shapes",
     }
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -285,7 +285,7 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
             lbimg, lb = letterbox_image(img, size)
             x = (torch.from_numpy(lbimg).permute(2, 0, 1)[None].float() / 255 - mean) / std
             w = cell_weights(np.stack([letterbox_mask(m, lb) for m in ms]), grid)
-            reg = F.normalize(region_embeddings(dense_map(model.visual, x), [w]), dim=-1)
+            reg = F.normalize(region_embeddings(dense_map(model.visual, x, cfg.get("dense", "attn")), [w]), dim=-1)
             crops = make_views(img, ms, views=(1.2,), size=size, fill=0, mean=CLIP_MEAN, std=CLIP_STD)[:, 0]
             pooled = F.normalize(model.encode_image(crops), dim=-1)
             t = F.normalize(model.encode_text(tok([s["sent"] for s in r["sentences"]])), dim=-1)
@@ -308,7 +308,7 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     from ris_utils.profiles import parse_params, step_config
 
-    ap = argparse.ArgumentParser(prog="python -m ris_utils.ris.pretrain", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ris_utils pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")
     ap.add_argument("--out", default=None, help="checkpoint path (default: ris.pretrain.checkpoint)")
     ap.add_argument("--param", action="append", default=[], help="override, e.g. pretrain.steps=100")

@@ -450,7 +450,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
                  else convert_dist_batchnorm(model))
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     raw = model.module if world > 1 else model
-    groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"])
+    groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"], cfg.get("prior_lr_mult", 20.0))
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=float(cfg["adam_eps"]))
     start_epoch, step, history, steps_log, curve = 0, 0, [], [], []
@@ -539,17 +539,18 @@ def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, devi
         return model(img, tokens)
     img_store, txt_store = stores or (None, None)
     text = txt_store.batch(tokens) if txt_store else None
-    if img_store is not None:
-        feats = img_store.batch(data.image_keys(batch["ref_index"]), img)
-        return model(None, tokens, feats=feats, text=text)
-    image_ids = [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
+    keys = data.image_keys(batch["ref_index"]) if img_store is not None else \
+        [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
     first: dict = {}
-    inverse = torch.tensor([first.setdefault(k, len(first)) for k in image_ids], device=img.device)
-    if len(first) == len(image_ids):
+    inverse = torch.tensor([first.setdefault(k, len(first)) for k in keys], device=img.device)
+    rows = [keys.index(k) for k in first]
+    if img_store is not None:
+        feats = img_store.batch(list(first), img[rows])
+    elif len(first) == len(keys):
         return model(img, tokens, text=text)
-    rows = torch.tensor([image_ids.index(k) for k in first], device=img.device)
-    feats = model.encode_image(img[rows])
-    return model(None, tokens, feats=tuple(f[inverse] for f in feats), text=text)
+    else:
+        feats = model.encode_image(img[rows])
+    return model(None, tokens, feats=feats, text=text, image_index=inverse)
 
 
 def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
