@@ -72,9 +72,10 @@ class Captioner:
     source: str  # where the weights came from (path / tag / "trained now")
     card: dict | None = None
 
-    def views(self, image: np.ndarray, masks, views=crops.PAPER_VIEWS, fill=0):
+    def views(self, image: np.ndarray, masks, views=crops.PAPER_VIEWS, fill=0, box: str = "exclusive"):
         """(N, V, 3, S, S) normalised views of the masks of one image (:func:`ris_utils.crops.make_views`)."""
-        return crops.make_views(image, masks, views, size=self.size, fill=fill, mean=self.mean, std=self.std)
+        return crops.make_views(image, masks, views, size=self.size, fill=fill, mean=self.mean, std=self.std,
+                                box=box)
 
 
 # ------------------------------------------------------------------------------------------ config helpers

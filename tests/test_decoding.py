@@ -333,6 +333,23 @@ def test_topk_topp_minlength_match_transformers():
     assert torch.equal(TemperatureLogitsProcessor(2.0)(ids, scores), scores / 2)
 
 
+def test_topp_threshold_is_the_python_float_as_transformers_and_the_authors():
+    # own logits: token 0 has p = 0.4 exactly in float32 once EOT (token 1) is banned; top_p = 0.6.
+    # transformers' TopPLogitsWarper / the authors compare cumsum <= (1 - 0.6) with the Python float, i.e.
+    # float32(0.4): token 0 (cumsum == float32(0.4)) is removed and only token 3 survives. The old
+    # threshold 1 - float32(0.6) = 0.39999998 kept token 0.
+    scores = torch.tensor([[-0.40546528, 0.0, -1e4, 0.0]])
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    banned = MinLengthLogitsProcessor(5, 1)(ids, scores)  # EOT = token 1, prefix shorter than min length
+    assert (banned.softmax(-1)[0, 0] == torch.tensor(0.4)).item()  # the float32 tie
+    kept = torch.isfinite(TopPLogitsProcessor(0.6)(ids, banned))[0].tolist()
+    assert kept == [False, False, False, True]
+    assert torch.isfinite(SamplingSetProcessor([0], [0.6])(ids, banned))[0].tolist() == kept
+    # float64 scores: the threshold is the float64 0.4, the cumsum 0.39999999... < 0.4 -> removed too
+    kept64 = torch.isfinite(TopPLogitsProcessor(0.6)(ids, banned.double()))[0].tolist()
+    assert kept64[3] and not kept64[1]
+
+
 def test_processor_arguments_validated_with_names():
     with pytest.raises(ValueError, match="top_k.*-1"):
         TopKLogitsProcessor(-1)
