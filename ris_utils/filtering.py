@@ -359,7 +359,7 @@ class ClipScorer:
         noun already starts with one (``"a photo of " + noun``; ``distinctive_caption_generation.py``
         l. 259 / 287)."""
         first = str(noun).split()[:1]
-        if first and first[0].lower() in ARTICLES and self.prompt.endswith("a {noun}"):
+        if first and first[0] in ARTICLES and self.prompt.endswith("a {noun}"):  # case-sensitive, as theirs
             return self.prompt[: -len("a {noun}")] + str(noun)
         return self.prompt.format(noun=noun)
 
@@ -533,7 +533,8 @@ def _extractor(cfg: dict):
     from ris_utils.text import HeadNounExtractor
 
     hn = dict(cfg.get("head_noun") or {})
-    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"))
+    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"),
+                             rule=hn.get("rule", "authors"))
 
 
 def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "all",

@@ -374,6 +374,11 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
 
         pre = cfg.get("pretrained")
         path = _resolve_path(pre)
+        if path is not None and not path.exists() and not str(pre).startswith("hf-hub:") and (
+                path.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in str(pre)):
+            raise FileNotFoundError(f"captions.pretrained {pre}: file not found ({path}); the authors' CoCa: "
+                                    f"`python -m ris_utils download --what coca-cc3m --data-root <data_root>`, "
+                                    f"or name an open_clip tag such as mscoco_finetuned_laion2B-s13B-b90k")
         pretrained = str(path) if path is not None and path.exists() else pre
         model = _create(name, None, pretrained).eval().to(dev)
         vs = crops.model_view_settings(model)

