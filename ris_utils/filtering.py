@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
