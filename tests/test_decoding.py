@@ -307,6 +307,28 @@ def test_beam_search_keeps_the_best_hypothesis_hand_checked():
     assert out == [[1, 4, 4, 2]]
 
 
+def test_beam_search_legacy_shared_hypotheses_score_lengths_without_eot():
+    # transformers < 4.31 (the authors' vendored beam search): length = the hypothesis without its eot.
+    # "a eot": sum 2.0; "b b eot": sum 2.8. >= 4.31: 2.0 / 3 < 2.8 / 4 -> "b b"; < 4.31: 2.0 / 2 > 2.8 / 3 -> "a".
+    ids = TokenIds(sot=1, eot=2, pad=0, vocab_size=5)
+    ninf = -9.0
+    table = {
+        (1,): [ninf, ninf, ninf, 1.0, 0.9],
+        (1, 3): [ninf, ninf, 1.0, -5.0, -5.0],
+        (1, 4): [ninf, ninf, -5.0, -5.0, 0.2],
+        (1, 4, 4): [ninf, ninf, 1.7, -5.0, -5.0],
+    }
+    dec = _TableDecoder(table, 5)
+    kw = dict(num_beams=2, num_beam_groups=1, seq_len=6, min_seq_len=0)
+    assert beam_search(dec, ids, torch.zeros(1, 1, 1), **kw) == [[1, 4, 4, 2]]
+    assert beam_search(dec, ids, torch.zeros(1, 1, 1), hypotheses="shared", **kw) == [[1, 3, 2]]
+    with pytest.raises(ValueError, match="hypotheses"):
+        beam_search(dec, ids, torch.zeros(1, 1, 1), hypotheses="legacy", **kw)
+    with pytest.raises(ValueError, match="hypotheses"):
+        DecodeSetting.parse({"kind": "beam", "hypotheses": "legacy"})
+    assert DecodeSetting.parse({"kind": "beam", "hypotheses": "shared"}).hypotheses == "shared"
+
+
 # ---------------------------------------------------------------------------------------- processors
 
 
