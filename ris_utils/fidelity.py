@@ -107,14 +107,15 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
                 continue
             views = cap.views(image, masks, view_kinds(ccfg), fill=ccfg.get("fill", 0))
             x = views.reshape(-1, *views.shape[2:])
-            _, embs = cap.model._encode_image(x)
+            _, embs = dec.encode_images(x)
             d, n = _beam_diff(dec, ids, embs, nb, ng, seq_len, min_seq_len)
             n_diff, n_all = n_diff + d, n_all + n
         model, _ = random_coca("coca_fidelity_random", seed=0, vocab_size=40, width=32, layers=2, heads=4)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n_random, 3, 32, 32, generator=g)
-        _, embs = model._encode_image(x)
-        rd, rn = _beam_diff(CocaDecoder(model), TokenIds(sot=2, eot=3, pad=0, vocab_size=40), embs, nb, ng, 8, 2)
+        rdec = CocaDecoder(model)
+        _, embs = rdec.encode_images(x)
+        rd, rn = _beam_diff(rdec, TokenIds(sot=2, eot=3, pad=0, vocab_size=40), embs, nb, ng, 8, 2)
     return {"captioner": {"differ": n_diff, "captions": n_all, "share": n_diff / n_all if n_all else float("nan")},
             "random_tiny": {"differ": rd, "captions": rn, "share": rd / rn}}
 
