@@ -423,10 +423,12 @@ class ClipScorer:
                 continue
             P = torch.stack([txt[self.prompt_for(noun)] for _, noun in cands])  # (C, D)
             T = torch.stack([txt[cap] for cap, _ in cands])  # (C, D)
-            if self.precision == "fp16":  # the authors: logit_scale (fp32 0-dim) x fp16 features -> fp16 logits
-                scale = torch.tensor(self.logit_scale, dtype=torch.float32)
-                noun_s = (scale * P @ img["masked"].T).float()  # (C, K)
-                cap_s = (scale * T @ img[1.2].T).float()
+            if self.precision == "fp16":  # the authors (OpenAI CLIP's forward, on the GPU): (logit_scale (fp32
+                # 0-dim) * fp16 image features) @ fp16 text features.T -> fp16 logits_per_image (K, C)
+                scale = torch.tensor(self.logit_scale, dtype=torch.float32, device=self.device)
+                dev = self.device
+                noun_s = ((scale * img["masked"].to(dev)) @ P.to(dev).T).T.float().cpu()  # (C, K)
+                cap_s = ((scale * img[1.2].to(dev)) @ T.to(dev).T).T.float().cpu()
             else:
                 noun_s = self.logit_scale * (P @ img["masked"].T)  # (C, K)
                 cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
