@@ -333,3 +333,32 @@ def test_precision_fp16_is_a_no_op_on_cpu(tiny_scorer):
         ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, 32, (0, 0, 0), (1, 1, 1), precision="bf16")
     with pytest.raises(ValueError, match="filter.box"):
         ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, 32, (0, 0, 0), (1, 1, 1), box="inclusive")
+
+
+def test_fp16_scoring_path_runs_and_rounds_like_fp16():
+    """The CUDA-only fp16 path (weights converted as clip.load does, logits in fp16), forced on CPU here."""
+    import open_clip
+    import torch
+    from open_clip.model import convert_weights_to_lp
+
+    from ris_utils.crops import model_view_settings
+    from ris_utils.filtering import ClipScorer
+    from ris_utils.models import register_open_clip_configs
+
+    register_open_clip_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("rn50_tiny", pretrained=None)
+    vs = model_view_settings(model)
+    s = ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    cands = [[("a red dog", "dog")], [("a cat", "cat")]]
+    ref = s.score_image(img, masks, cands)
+    s.precision = "fp16"  # what the constructor picks on CUDA
+    convert_weights_to_lp(s.model, torch.float16)
+    half = s.score_image(img, masks, cands)
+    assert s.doc_dtype == "float16"
+    for (rn, rc), (hn, hc) in zip(ref, half):
+        assert np.allclose(rn, hn, rtol=0.05, atol=0.02) and np.allclose(rc, hc, rtol=0.05, atol=0.02)
+        assert np.array_equal(hn, hn.astype(np.float16).astype(np.float32))  # fp16 values
