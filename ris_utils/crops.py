@@ -203,9 +203,10 @@ def make_views(
       views: view kinds, e.g. the paper's ``("masked", 1.0, 1.1, 1.2)`` or ``("masked",)`` / ``(1.2,)``.
       size: the model's input side S (``open_clip.get_model_preprocess_cfg(model)["size"]``).
       fill: the pixel value (before normalisation) of the pixels outside the mask (view 0) and of the
-        square padding: a grey value, an RGB triple (0..255), or ``"mean"`` = the model's normalisation
-        mean x 255, i.e. 0 after normalisation (what the authors' code feeds the captioner). ``0`` is
-        black, NOT 0 after normalisation.
+        square padding: a grey value, an RGB triple (0..255), ``"mean"`` = the model's normalisation mean
+        x 255, i.e. 0 after normalisation, or ``"authors"`` = ``255 * mean * (1 + std)``, i.e. ``mean``
+        after normalisation (what the authors' code feeds the captioner and CLIP, :func:`resolve_fill`).
+        ``0`` is black, NOT 0 after normalisation.
       mean, std: the model's normalisation (``preprocess_cfg["mean"/"std"]``).
       box: crop-box convention (:data:`BOX_MODES`): ``"exclusive"`` or ``"authors"`` (their off-by-one).
     Returns:
