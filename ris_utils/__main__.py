@@ -2,11 +2,18 @@
 
 Each command lives in the module of its step and exposes ``cli(argv) -> int``; modules are imported
 only when their command runs, so ``python -m ris_utils --help`` is instant.
+
+Exit codes (every command): 0 done (images that failed are error records, counted in ``summary.json``);
+1 ``--strict`` and at least one error record (or nothing at all succeeded / a download failed);
+2 a problem with an input, a setting, a checkpoint, a profile or the output folder (another run holds it):
+one line ``error: ...`` on stderr naming the file or setting and what to do, before any work where possible
+(``PSEUDO_RIS_TRACEBACK=1`` shows the traceback instead).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: command -> (module, one-line help)
@@ -41,7 +48,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
     fn = getattr(module, f"cli_{cmd}", None) or module.cli
-    return int(fn(rest) or 0)
+    try:
+        return int(fn(rest) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("PSEUDO_RIS_TRACEBACK"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+#: Problems the user fixes (a file, a setting, a checkpoint, a busy folder): one line on stderr, exit 2.
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message (``KeyError``'s without quotes) and notes, whitespace collapsed;
+    the exception type is added when the message does not say what went wrong on its own."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    notes = " ".join(getattr(e, "__notes__", []) or [])
+    text = " ".join(f"{msg} {notes}".split())
+    if not text or type(e).__module__ in ("builtins", "torch", "_pickle", "pickle") and ":" not in text:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text
 
 
 if __name__ == "__main__":

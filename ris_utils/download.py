@@ -21,7 +21,9 @@ Behaviour:
   crash), asks the server for the rest with an HTTP ``Range`` request. A server that ignores ``Range``
   (answers 200) restarts the file from zero.
 - **Verification**: every finished file is hashed (sha256, and md5 where that is what was published) and
-  compared with the table. Where no checksum is published, the first download records its sha256 and size
+  compared with the table BEFORE it gets its final name (``<file>.part`` until then), so a download killed at
+  any moment is never taken for a good file; a file found in place without a record of its verification
+  (placed by hand, or left by an older version) is verified once before it counts as present. Where no checksum is published, the first download records its sha256 and size
   in ``DIR/checksums.lock.json`` and says so; later downloads and ``--verify`` compare with that record. A
   file that does not match is renamed ``*.corrupt`` and the command stops with a message naming it.
 - **Offline**: an unreachable host (connection refused, no DNS, timeout) ends with a message naming the
@@ -126,7 +128,10 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
     _refer("refcocog", "3d1f7e5b2ff2205940bf59de55f861f5f2cc1403fb980669933a7f9af1aa8211", "20220413012904",
            ("refcocog/refs(umd).p", "refcocog/instances.json")),
     Source(
-        name="coco-train2014", urls=("http://images.cocodataset.org/zips/train2014.zip",),
+        name="coco-train2014",
+        # https first; the plain-http URL (the one COCO's site links) only as a fallback: the file is checked by
+        # size + md5 before it is used either way
+        urls=("https://images.cocodataset.org/zips/train2014.zip", "http://images.cocodataset.org/zips/train2014.zip"),
         filename="train2014.zip", dest="downloads", size=13_510_573_713, md5="0da8c0bd3d6becc4dcb32757491aca88",
         checksum_source=("size = the server's Content-Length; md5 as recorded by third-party loaders (LAVIS, "
                          "pystiche); COCO publishes no checksum"),
@@ -171,7 +176,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         aliases=("coca", "coca-laion-cc3m"),
     ),
     Source(
-        name="cutler", urls=("http://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",),
+        name="cutler", urls=("https://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",),
         filename="cutler_cascade_final.pth", dest="checkpoints",
         provides=("checkpoints/cutler_cascade_final.pth",),
         note=("CutLER cascade Mask R-CNN (the authors' SAM-mask selector; needs detectron2, run it outside "
@@ -242,10 +247,10 @@ def write_lock(data_root: str | os.PathLike, lock: dict) -> None:
     atomic_write(Path(data_root) / LOCK_NAME, json.dumps(lock, indent=2, sort_keys=True))
 
 
-def verify_file(path: Path, source: Source, lock: dict) -> dict:
+def verify_file(path: Path, source: Source, lock: dict, final: Path | None = None) -> dict:
     """Check ``path`` against the table (or the lock record); return ``{"sha256", "md5", "size"}``.
 
-    Raises ChecksumError (after renaming the file to ``*.corrupt``) on a mismatch.
+    Raises ChecksumError (after renaming the file to ``<final or path>.corrupt``) on a mismatch.
     """
     size = path.stat().st_size
     logger.info("verifying %s (%.2f GB)", path, size / 1e9)
@@ -264,7 +269,7 @@ def verify_file(path: Path, source: Source, lock: dict) -> dict:
         expected.append(("size", rec["size"], size, f"{LOCK_NAME} (recorded {rec.get('recorded')})"))
     for what, want, got, where in expected:
         if want is not None and want != got:
-            bad = path.with_name(path.name + ".corrupt")
+            bad = (final or path).with_name((final or path).name + ".corrupt")
             os.replace(path, bad)
             raise ChecksumError(
                 f"{path}: {what} mismatch: expected {want} ({where}), got {got}. The file is corrupt or the "
@@ -286,12 +291,14 @@ def _is_offline(err: BaseException) -> bool:
 
 
 def fetch(url: str, dest: str | os.PathLike, *, expected_size: int | None = None, retries: int = 5,
-          timeout: float = 60.0, backoff: float = 1.0, progress: bool = True) -> Path:
+          timeout: float = 60.0, backoff: float = 1.0, progress: bool = True, verify=None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming with HTTP Range after a cut connection.
 
     Arguments:
       expected_size: bytes the file must have (when known); a ``.part`` of that size is complete.
       retries: how many times an interrupted transfer is resumed before giving up.
+      verify: ``verify(part_path)`` called on the complete ``.part`` BEFORE it is renamed to ``dest`` (raises
+        on a mismatch): a process killed while verifying leaves ``.part``, never an unverified ``dest``.
     Returns ``dest``. Raises OfflineError (host unreachable), DownloadError (HTTP error, too many cuts).
     """
     dest = Path(dest)
@@ -364,6 +371,8 @@ def fetch(url: str, dest: str | os.PathLike, *, expected_size: int | None = None
     else:
         raise DownloadError(f"{url}: gave up after {retries} interrupted attempts ({last_err!r}); "
                             f"run the command again to resume from {part}")
+    if verify is not None:
+        verify(part)
     os.replace(part, dest)
     return dest
 
@@ -402,6 +411,16 @@ def resolve_names(what: str | list[str]) -> list[Source]:
     return out
 
 
+def _verified(source: Source, dest: Path, lock: dict) -> bool:
+    """Whether ``dest`` was verified by this tool (its lock record matches its size): else it is verified before
+    it counts as present (a file placed by hand, or renamed before verification by an older version)."""
+    rec = lock.get(source.name) or {}
+    try:
+        return rec.get("size") == dest.stat().st_size and bool(rec.get("sha256"))
+    except OSError:
+        return False
+
+
 def _marker(source: Source, root: Path) -> Path:
     return root / ".extracted" / source.name
 
@@ -421,14 +440,18 @@ def is_present(source: Source, data_root: str | os.PathLike) -> bool:
 
 
 def _safe_extract(archive: Path, target: Path) -> int:
-    """Unzip ``archive`` into ``target``, refusing members that would land outside it; returns #files."""
+    """Unzip ``archive`` into ``target``, refusing members that would land outside it; returns #files.
+
+    The check is on the member names (absolute paths, drive letters and ``..`` are refused), not on resolved
+    paths: a folder inside ``target`` that the user made a symlink (e.g. ``train2014`` -> a big disk) is used,
+    as the user meant (zip members are plain files: an archive cannot create links of its own here)."""
     target.mkdir(parents=True, exist_ok=True)
-    root = target.resolve()
     n = 0
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
-            out = (target / info.filename).resolve()
-            if out != root and root not in out.parents:
+            name = info.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
                 raise DownloadError(f"{archive}: member {info.filename!r} would unpack outside {target}; refusing")
         for info in zf.infolist():
             zf.extract(info, target)
@@ -448,18 +471,19 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
             return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
         raise DownloadError(f"{source.name} is not downloaded automatically: {source.note}")
     dest = root / source.dest / source.filename
-    if is_present(source, root) and not verify_existing:
-        return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
     lock = read_lock(root)
+    if is_present(source, root) and not verify_existing and (not dest.exists() or _verified(source, dest, lock)):
+        return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
     status = "verified"
     if not dest.exists():
         if is_present(source, root):  # unpacked earlier, archive deleted: nothing to verify against
             return {"name": source.name, "status": "present", "path": str(root / source.provides[0])}
-        errors, offline = [], []
+        errors, offline, checked = [], [], {}
         for url in source.urls:  # official URL first, then the mirrors
             try:
                 fetch(url, dest, expected_size=source.size or (lock.get(source.name) or {}).get("size"),
-                      progress=progress, retries=retries, timeout=timeout)
+                      progress=progress, retries=retries, timeout=timeout,
+                      verify=lambda part: checked.update(verify_file(part, source, lock, final=dest)))
                 break
             except ChecksumError:
                 raise
@@ -475,7 +499,7 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
                                    f"{source.name}: no URL reachable:\n  " + "\n  ".join(offline))
             raise DownloadError(f"{source.name}: every URL failed:\n  " + "\n  ".join(errors + offline))
         status = "downloaded"
-    info = verify_file(dest, source, lock)
+    info = checked if status == "downloaded" else verify_file(dest, source, lock)
     result = {"name": source.name, "status": status, "path": str(dest), "sha256": info["sha256"]}
     if source.name not in lock:
         lock[source.name] = {"file": str(Path(source.dest) / source.filename), "size": info["size"],

@@ -13,10 +13,15 @@ Guarantees:
   read, lines whose checksum does not match (a torn last line after ``kill -9``) are ignored and cut off,
   and finished images are skipped. Output after ``kill -9`` + rerun is byte-identical to an uninterrupted
   run: nothing lost, nothing duplicated (a record is either fully committed or redone).
-* **Bad input never stops the run.** An exception raised by ``fn`` becomes an error record
-  ``{"status": "error", "error": "<ExceptionType>: <message>"}`` and the run goes on. Exceptions listed in
-  ``fatal`` (default: ``MemoryError``, :class:`FatalError`) and ``KeyboardInterrupt`` stop it. Model and
-  checkpoint problems must be caught by the step *before* calling :func:`run` (build the model first).
+* **Bad input never stops the run.** An exception raised by ``fn`` (a ``MemoryError`` on one huge image
+  included) becomes an error record ``{"status": "error", "error": "<ExceptionType>: <message>"}`` and the run
+  goes on; an item without ``path`` too. Exceptions listed in ``fatal`` (default: :class:`FatalError`) and
+  ``KeyboardInterrupt`` stop it. Model and checkpoint problems must be caught by the step *before* calling
+  :func:`run` (build the model first).
+* **One run per folder.** A run holds an ``flock`` on ``out_dir/.lock`` (the ranks of one sharded run share
+  it); a second run into the same folder is refused with :class:`~ris_utils.fileio.FolderBusyError` (or waits
+  ``lock_wait`` seconds), and the manifest is checked and written under a lock, so two runs with different
+  settings never mix their records. Temp files left by a killed run are removed by the next one.
 * **Sharded.** Under ``torchrun --nproc_per_node K`` (or any launcher that sets ``RANK``/``WORLD_SIZE``)
   rank ``r`` takes items ``i`` with ``i % K == r``. When a ``torch.distributed`` process group is
   initialised (the engine initialises a gloo group itself when the launcher's rendezvous variables are
@@ -30,18 +35,21 @@ Files in ``out_dir``: ``manifest.json`` (step, ordered image ids, config fingerp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
-from ris_utils.fileio import atomic_write, fsync_dir
+from ris_utils.fileio import FolderBusyError, atomic_write, folder_lock, fsync_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +104,19 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-def _line(record: dict) -> str:
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def dumps_record(record: dict) -> str:
+    """One record as compact JSON text that is valid UTF-8: non-ASCII text as is, lone surrogates (the bytes of
+    a non-UTF-8 file name under Python's ``surrogateescape``, e.g. byte 0xff -> ``\\udcff``) as JSON escapes,
+    which ``json.loads`` turns back into the same string (so ``os.fsencode`` gives the original bytes)."""
     body = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", body)
+
+
+def _line(record: dict) -> str:
+    body = dumps_record(record)
     return f"{hashlib.sha256(body.encode()).hexdigest()[:16]} {body}\n"
 
 
@@ -149,7 +168,7 @@ def _key(image_id) -> str:
 def _check_items(items: list[dict]) -> list:
     ids, seen = [], set()
     for i, it in enumerate(items):
-        if not isinstance(it, dict) or "image_id" not in it or "path" not in it:
+        if not isinstance(it, dict) or "image_id" not in it:
             raise ValueError(f"engine: item {i} must be a dict with 'image_id' and 'path', got {it!r:.200}")
         k = _key(it["image_id"])
         if k in seen:
@@ -160,7 +179,9 @@ def _check_items(items: list[dict]) -> list:
 
 
 def _file_name(item: dict) -> str:
-    return str(item.get("file_name") or Path(str(item["path"])).name)
+    if item.get("file_name"):
+        return str(item["file_name"])
+    return Path(str(item["path"])).name if item.get("path") else str(item["image_id"])
 
 
 def _index(out_dir: Path, step: str | None) -> dict[str, tuple[Path, int, int, str]]:
@@ -239,9 +260,10 @@ def run(
     world_size: int | None = None,
     config: dict | None = None,
     merge_output: bool = True,
-    fatal: tuple[type[BaseException], ...] = (MemoryError, FatalError),
+    fatal: tuple[type[BaseException], ...] = (FatalError,),
     progress: bool = True,
     fsync: bool = True,
+    lock_wait: float | None = 0.0,
 ) -> dict:
     """Run ``fn`` over this rank's shard of ``items`` and write one record per image into ``out_dir``.
 
@@ -258,17 +280,18 @@ def run(
       config (dict): the step's settings; its fingerprint is stored and a rerun with different settings
         (or a different item list) raises :class:`ResumeMismatchError` instead of mixing outputs.
       merge_output (bool): merge when this rank can (1 process, or rank 0 after a barrier).
-      fatal (tuple): exception types that stop the run instead of becoming an error record.
+      fatal (tuple): exception types that stop the run instead of becoming an error record (default:
+        :class:`FatalError` only; a ``MemoryError`` on one image becomes that image's error record).
       progress (bool): show a tqdm bar (images/s, ETA).
       fsync (bool): fsync the log after every record (crash safety; disable only for throwaway runs).
+      lock_wait (float | None): seconds to wait when another run holds ``out_dir`` (0: refuse at once with
+        :class:`~ris_utils.fileio.FolderBusyError`; None: wait until it is free).
 
     Returns:
       dict: the summary (``n_items``, ``ok``, ``failed``, ``failed_reasons``, ``errors``, ...). Before the
       merge (a rank > 0 without a process group, or ``merge_output=False``) the summary of this rank's
       shard only, with ``"merged": False``.
     """
-    from tqdm import tqdm
-
     if not isinstance(step, str) or not step or "/" in step or " " in step:
         raise ValueError(f"engine: step must be a short name without '/' or spaces, got {step!r}")
     out_dir = Path(out_dir)
@@ -276,7 +299,27 @@ def run(
     rank, world_size = dist_info(rank, world_size)
     if world_size > 1:
         _maybe_init_process_group(world_size)
-    _write_manifest(out_dir, step, ids, config, seed, rank)
+    what = f"engine step {step!r}" + (f" rank {rank}/{world_size}" if world_size > 1 else "")
+    # One run per output folder: a 1-process run holds <out_dir>/.lock exclusively; the ranks of a sharded run
+    # hold it shared, plus an exclusive lock on their own log. A second run waits ``lock_wait`` s, then is refused.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(folder_lock(out_dir, shared=world_size > 1, wait=lock_wait, what=what))
+        if world_size > 1:
+            stack.enter_context(folder_lock(out_dir, wait=lock_wait, what=what,
+                                            name=f".lock.{step}.rank{rank}of{world_size}"))
+        # leftovers of a killed run (temp files named with a dead PID; mkstemp names only when we hold it alone)
+        for folder in (out_dir, out_dir / PARTS):
+            for p in remove_stale_temps(folder, legacy=world_size == 1):
+                logger.info("engine: removed %s (left by a killed run)", p)
+        with folder_lock(out_dir, wait=None, what=what, name=".manifest.lock"):  # check-then-write, one at a time
+            _write_manifest(out_dir, step, ids, config, seed, rank)
+        return _run_locked(step, items, fn, out_dir, seed, desc, rank, world_size, merge_output, fatal,
+                           progress, fsync)
+
+
+def _run_locked(step, items, fn, out_dir: Path, seed, desc, rank, world_size, merge_output, fatal, progress,
+                fsync) -> dict:
+    from tqdm import tqdm
 
     log_path = out_dir / PARTS / f"{step}.rank{rank}of{world_size}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -342,11 +385,37 @@ def run(
     return local
 
 
+def strict_exit(strict: bool, summaries) -> int:
+    """The exit code of a generation command: 1 with ``--strict`` when any summary counts an error record
+    (their reasons printed on stderr), else 0."""
+    failed = [e for s in summaries for e in (s.get("errors") or [])]
+    n = sum(int(s.get("failed") or 0) for s in summaries)
+    if not strict or not n:
+        return 0
+    print(f"--strict: {n} image(s) became error records:", file=sys.stderr)
+    for e in failed[:20]:
+        print(f"  {e.get('file_name') or e.get('image_id')}: {e.get('error')}", file=sys.stderr)
+    return 1
+
+
 def check_workers(workers, setting: str) -> int:
     """A ``<step>.workers`` setting as a process count: None / 0 -> 1; refuses bools, non-ints, negatives."""
     if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
         raise ValueError(f"{setting} must be a positive int, got {workers!r}")
     return int(workers or 1)
+
+
+def watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """In a worker process: a daemon thread that ends the process (exit code 70) as soon as its parent
+    ``parent_pid`` is gone (``kill -9`` of the parent re-parents the worker), so no worker outlives its run."""
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 def _shard_worker(fn: Callable, args: tuple, rank: int, world_size: int):
@@ -365,7 +434,8 @@ def run_shard_workers(fn: Callable, args: tuple, workers: int, label: str) -> li
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=watch_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_shard_worker, fn, args, r, workers) for r in range(workers)]
         wait(futures, return_when=FIRST_EXCEPTION)
         failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
@@ -385,6 +455,9 @@ def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
     work["seed"] = item_seed(seed, item["image_id"])
     head = {"image_id": item["image_id"], "file_name": _file_name(item)}
     try:
+        if not item.get("path"):
+            raise ValueError(f"{head['file_name']}: item {item['image_id']!r} has no 'path' (every item needs "
+                             f"'image_id' and 'path'); add it to the item list")
         body = fn(work)
         if not isinstance(body, dict):
             raise TypeError(f"step function returned {type(body).__name__}, expected a dict")
@@ -396,6 +469,11 @@ def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
         return rec
     except fatal:
         raise
+    except MemoryError as e:  # one huge image: its error record, not the end of the run
+        reason = (f"MemoryError: out of memory while processing {head['file_name']} ({str(e) or 'no detail'}): the "
+                  f"image may be too large (masks.max_pixels limits its pixels); shrink it or free memory")
+        logger.warning("engine: %s failed: %s", item["image_id"], reason)
+        return {**head, "status": "error", "error": reason[:1000]}
     except Exception as e:  # noqa: BLE001 - bad input must never stop the run
         reason = f"{type(e).__name__}: {e}".strip()
         logger.warning("engine: %s failed: %s", item["image_id"], reason)
@@ -481,17 +559,33 @@ def _reason_kind(error: str | None) -> str:
     return head if head and " " not in head else "other"
 
 
+class RecordsError(ValueError):
+    """A ``records.jsonl`` that cannot be read (damaged, truncated, not an engine output)."""
+
+
 def read_records(out_dir: str | os.PathLike, *, only_ok: bool = False) -> Iterator[dict]:
-    """Iterate the merged records of ``out_dir/records.jsonl`` (in item order)."""
+    """Iterate the merged records of ``out_dir/records.jsonl`` (in item order).
+
+    Raises :class:`RecordsError` (one line naming the file, the line and what to do) on a damaged line."""
     path = Path(out_dir) / RECORDS
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the step (and merge) first")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    fix = (f"rerun the step that wrote it into {Path(out_dir)} (finished images are kept in parts/ and it "
+           f"resumes), or `python -m ris_utils.engine merge {Path(out_dir)}`")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 rec = json.loads(line)
-                if not only_ok or rec.get("status") == "ok":
-                    yield rec
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise RecordsError(f"{path} line {n} is not a valid JSON record ({e}): the file is damaged; "
+                                   f"{fix}") from None
+            if not isinstance(rec, dict) or "image_id" not in rec:
+                raise RecordsError(f"{path} line {n} is not an engine record (a JSON object with 'image_id'); {fix}")
+            if not only_ok or rec.get("status") == "ok":
+                yield rec
 
 
 def read_summary(out_dir: str | os.PathLike) -> dict:
@@ -502,7 +596,7 @@ def read_summary(out_dir: str | os.PathLike) -> dict:
 
 
 __all__ = ["run", "merge", "read_records", "read_summary", "item_seed", "shard", "dist_info",
-           "finished_records", "FatalError", "ResumeMismatchError"]
+           "finished_records", "FatalError", "ResumeMismatchError", "FolderBusyError", "RecordsError"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ris_utils.data import refer
+from ris_utils.fileio import StagedDir
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ DEFAULT_DATASET = "refcoco+"
 DEFAULT_SPLIT_BY = "pseudo"
 IMAGE_SUBDIR = "images/train2014"
 IMAGE_MODES = ("link", "copy", "none")
+#: what marks a folder as an export (or mix): only such a folder (or an empty / new one) is replaced by a re-export
+EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
 #: ``export.order``: the order of a ref's sentences (and which ``export.max_sentences_per_ref`` keeps)
 ORDERS = ("generation", "doc")
 
@@ -91,7 +94,9 @@ def _read_records(candidates_dir) -> list[dict]:
     return list(engine.read_records(candidates_dir))
 
 
-def _place_image(src: Path, dst: Path, mode: str) -> None:
+def _place_image(src: Path, dst: Path, mode: str, previous: Path | None = None) -> None:
+    """Link / copy ``src`` to ``dst``; ``previous`` = the same file in the export being replaced (a copy made
+    from the same source, same size and mtime, is hard-linked instead of copied again)."""
     if mode == "none" or dst.exists() or dst.is_symlink():
         return
     if not src.is_file():
@@ -99,8 +104,16 @@ def _place_image(src: Path, dst: Path, mode: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode == "link":
         os.symlink(os.path.abspath(src), dst)
-    else:
-        shutil.copy2(src, dst)
+        return
+    if previous is not None and previous.is_file() and not previous.is_symlink():
+        a, b = src.stat(), previous.stat()
+        if (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns):
+            try:
+                os.link(previous, dst)
+                return
+            except OSError:
+                pass
+    shutil.copy2(src, dst)
 
 
 def _summ(values) -> dict:
@@ -147,7 +160,10 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     if not is_filter and not unfiltered:
         raise ValueError(f"{candidates_dir}/records.jsonl holds captions records (no 'survivors'): run the filter "
                          f"step first, or export them with --unfiltered")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # written into a temp sibling and swapped in whole at the end: a reader (or a re-export killed at any
+    # moment) sees the old export or the new one, never a mix (leftovers are removed by the next export)
+    stage = StagedDir(out_dir, marker=EXPORT_MARKERS)
+    final_dir, out_dir = out_dir, stage.path
     img_ids_int = all(isinstance(r["image_id"], int) for r in records)
     images_out, anns, refs, cand_lines = [], [], [], []
     cat_ids: dict[str, int] = {}
@@ -228,7 +244,8 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
                            **({} if img_ids_int else {"original_id": rec["image_id"]})})
         if img_refs and images != "none":
             src = Path(rec["path"]) if rec.get("path") else Path(images_dir or ".") / rec["file_name"]
-            _place_image(src, out_dir / IMAGE_SUBDIR / rec["file_name"], images)
+            _place_image(src, out_dir / IMAGE_SUBDIR / rec["file_name"], images,
+                         final_dir / IMAGE_SUBDIR / rec["file_name"])
     categories = [{"id": i, "name": n, "supercategory": "pseudo"} for n, i in cat_ids.items()]
     cat_name = {i: n for n, i in cat_ids.items()}
     refer.write_refer(out_dir, dataset, split_by, refs, images_out, anns, categories)
@@ -237,7 +254,7 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
             f.write(json.dumps(line, sort_keys=True) + "\n")
     exported_images = len({r["image_id"] for r in refs})
     card = {
-        "name": name or out_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
+        "name": name or final_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
         "dataset": dataset, "split_by": split_by, "split": "train",
         "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
         "images_dir": IMAGE_SUBDIR if images != "none" else None, "images_mode": images, "dedupe": dedupe,
@@ -262,6 +279,7 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     }
     (out_dir / "dataset_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "dataset_card.md").write_text(card_markdown(card))
+    stage.commit()
     return card
 
 
@@ -408,7 +426,8 @@ def sample_images(image_ids, fraction: float, seed: int) -> list:
 def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: float, seed: int, out_dir,
                  dataset: str = DEFAULT_DATASET, split_by: str = "mix", images: str = "link") -> dict:
     """Write the semi-supervised training set (module docstring) to ``out_dir``; return its card."""
-    out_dir = Path(out_dir)
+    stage = StagedDir(out_dir, marker=EXPORT_MARKERS)  # swapped in whole at the end (as export_dataset)
+    final_dir, out_dir = Path(out_dir), stage.path
     human_train = refer.select_split(human.refs, "train")
     if not human_train:
         raise ValueError(f"the human dataset {human.data_root}/{human.dataset} has no train refs")
@@ -443,9 +462,10 @@ def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: floa
     refer.write_refer(out_dir, dataset, split_by, refs, sorted(images_out.values(), key=lambda x: x["id"]), anns,
                       categories)
     for iid, src in img_src.items():
-        _place_image(src, out_dir / IMAGE_SUBDIR / images_out[iid]["file_name"], images)
+        _place_image(src, out_dir / IMAGE_SUBDIR / images_out[iid]["file_name"], images,
+                     final_dir / IMAGE_SUBDIR / images_out[iid]["file_name"])
     n_h = sum(1 for s, _, _ in sel if s == "human")
-    card = {"name": out_dir.name, "dataset": dataset, "split_by": split_by, "split": "train", "fraction": fraction,
+    card = {"name": final_dir.name, "dataset": dataset, "split_by": split_by, "split": "train", "fraction": fraction,
             "seed": seed, "rounding": "floor(fraction * N + 0.5)",
             "human_source": f"{human.data_root}/{human.dataset} refs({human.split_by})",
             "pseudo_source": f"{pseudo.data_root}/{pseudo.dataset} refs({pseudo.split_by})",
@@ -456,6 +476,7 @@ def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: floa
                        "expressions": sum(len(r["sentences"]) for r in refs)},
             "human_image_ids": sorted(chosen)}
     (out_dir / "dataset_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    stage.commit()
     return card
 
 

@@ -259,6 +259,8 @@ def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | 
 
     jobs = _check_filter_jobs(jobs)
     n = engine.check_workers(workers, "filter.workers")
+    if scorer is None and (cfg.get("clip") or {}).get("train_if_missing"):
+        check_clip_checkpoint(cfg)  # a typo'd checkpoint path fails here, before captions or training
     base = int(captions_cfg.get("seed", 0))
     seeds = [base if job.get("seed") is None else int(job["seed"]) for job in jobs]
     dirs = [step_dirs(cfg["work_dir"], job["mode"], job["split"], s, base) for job, s in zip(jobs, seeds)]
@@ -463,14 +465,12 @@ def build_clip(cfg: dict, device=None):
 
             ckpt = project_root() / ckpt
         if not ckpt.is_file():
-            if ccfg.get("train_if_missing"):
-                from ris_utils.train_clip import train_clip
+            check_clip_checkpoint(cfg)  # a path the user named must exist
+            from ris_utils.train_clip import train_clip
 
-                logger.info("filter: %s missing, training the shapes CLIP (train_if_missing)", ckpt)
-                train_clip(cfg, out=ckpt)
-            else:
-                raise FileNotFoundError(f"filter.clip.checkpoint {ckpt} not found: run `python -m "
-                                        f"ris_utils.train_clip --out {ckpt}` or set clip.train_if_missing")
+            logger.warning("filter: %s (the profile's own CLIP checkpoint) is missing: training the shapes CLIP "
+                           "now (clip.train_if_missing; a few minutes on CPU)", ckpt)
+            train_clip(cfg, out=ckpt)
         model = open_clip.create_model(name, pretrained=None, device="cpu")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         sd = state.get("state_dict", state)
@@ -495,6 +495,27 @@ def build_clip(cfg: dict, device=None):
     from ris_utils.crops import model_view_settings
 
     return model, tokenizer, model_view_settings(model)
+
+
+def check_clip_checkpoint(cfg: dict) -> None:
+    """Fail before any work when ``filter.clip.checkpoint`` names a file that does not exist, unless it is the
+    profile's own default asset and ``clip.train_if_missing`` is set (then it is trained on first use)."""
+    from ris_utils.profiles import is_profile_default, project_root
+
+    ccfg = dict(cfg.get("clip") or {})
+    ckpt = ccfg.get("checkpoint")
+    if not ckpt:
+        return
+    path = Path(ckpt) if Path(ckpt).is_absolute() else project_root() / ckpt
+    if path.is_file():
+        return
+    if not ccfg.get("train_if_missing"):
+        raise FileNotFoundError(f"filter.clip.checkpoint {path} not found: check the path, run `python -m "
+                                f"ris_utils.train_clip --out {path}`, or set clip.train_if_missing")
+    if not is_profile_default(cfg, "filter", "clip.checkpoint", ckpt):
+        raise FileNotFoundError(f"filter.clip.checkpoint {path} does not exist: check the path (a missing "
+                                f"checkpoint is trained only when it is the profile's own default; to train one "
+                                f"there run `python -m ris_utils.train_clip --out {path}`)")
 
 
 @contextlib.contextmanager
@@ -616,6 +637,8 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     from ris_utils.images import load_image_rgb
 
     candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    if scorer is None:
+        check_clip_checkpoint(cfg)
     records = list(engine.read_records(candidates_dir))
     fallback = cfg.get("fallback", "all")
     nonpositive = cfg.get("nonpositive", "clamp")
@@ -725,12 +748,17 @@ def cli_filter(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
     ap.add_argument("--images", default=None, help="image folder (default: <data_root>/images/train2014)")
     ap.add_argument("--param", action="append", default=[], help="override a filter setting, e.g. fallback=drop")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)
     if not (Path(args.candidates) / "records.jsonl").is_file():
         ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the captions step first)")
     cfg = step_config(args.profile, "filter", images=args.images, **parse_params(args.param))
     summary = run_filter(args.candidates, args.out, cfg)
     print(f"filter: {summary.get('ok')} ok, {summary.get('failed')} failed -> {os.path.join(args.out, 'records.jsonl')}")
+    from ris_utils import engine
+
+    if engine.strict_exit(args.strict, [summary]):
+        return 1
     return 0 if summary.get("ok", 0) or not summary.get("n_items") else 1
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from . import engine
-from .images import load_image_rgb
+from .images import MAX_PIXELS, display_path, load_image_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -455,6 +455,14 @@ class ComponentsSegmenter:
     def __init__(self, fg_threshold: float = 40.0, n_colors: int = 12, close_radius: int = 2,
                  max_hole: int = 12, min_area: int = 20, dedup_iou: float = 0.9, border: int = 2,
                  refits: int = 2):
+        for key, value, kind in (("fg_threshold", fg_threshold, float), ("n_colors", n_colors, int),
+                                 ("close_radius", close_radius, int), ("max_hole", max_hole, int),
+                                 ("min_area", min_area, int), ("dedup_iou", dedup_iou, float),
+                                 ("border", border, int), ("refits", refits, int)):
+            ok = not isinstance(value, bool) and isinstance(value, int | float) and (kind is float or value == int(value))
+            if not ok:
+                raise ValueError(f"masks.components.{key} must be {'an integer' if kind is int else 'a number'}, "
+                                 f"got {value!r}; fix it in the profile or --param")
         if not 2 <= int(n_colors) <= 256:
             raise ValueError(f"masks.components.n_colors must be in [2, 256], got {n_colors}")
         if fg_threshold <= 0 or close_radius < 0 or border < 1 or min_area < 1:
@@ -601,9 +609,10 @@ def make_step_fn(cfg: dict) -> Callable[[dict], dict]:
         external = load_external_masks(cfg["external_masks"], min_score=float(cfg.get("external_min_score", 0.5)),
                                        max_per_image=int(cfg.get("external_max_per_image", 100)))
     min_side = int(cfg.get("min_side", 8))
+    max_pixels = check_max_pixels(cfg.get("max_pixels", MAX_PIXELS))
 
     def fn(item: dict) -> dict:
-        image = load_image_rgb(item["path"], min_side=min_side)
+        image = load_image_rgb(item["path"], min_side=min_side, max_pixels=max_pixels)
         ext = None if external is None else external.get(item["image_id"], [])
         props = propose_masks(image, backend, selector, ext)
         # the image's path travels with the record, so step 2 reads the very file step 1 segmented
@@ -626,25 +635,48 @@ def run_masks(cfg: dict, items: list[dict], out_dir: str | os.PathLike, *, fn: C
                       desc="masks", progress=progress)
 
 
+def check_max_pixels(value) -> int:
+    """``masks.max_pixels`` as a positive int (refused with the setting named otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1 or int(value) != value:
+        raise ValueError(f"masks.max_pixels must be a positive number of pixels (default {MAX_PIXELS:,}), got {value!r}")
+    return int(value)
+
+
 def image_items_from(images: str | os.PathLike) -> list[dict]:
     """Engine items from a folder (image files, sorted, recursive), a text file (one path per line,
     relative to the list's folder) or a JSON list of ``{"image_id", "path"}``. ``image_id`` = the path
-    relative to the folder / as listed. A listed file that is missing becomes an error record later."""
+    relative to the folder / as listed. A listed file that is missing becomes an error record later, and so
+    does (in a folder) a dangling symlink, a symlink loop, an unreadable file, a name that is not valid UTF-8
+    (its ``image_id`` / ``file_name`` show the bad bytes as ``\\xNN``), and (in a JSON list) an item without
+    ``path``."""
     p = Path(images)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        # not f.is_dir(): regular files, and also dangling links / loops, which become error records
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir())
         if not files:
             raise ValueError(f"--images {p}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-        return [{"image_id": str(f.relative_to(p)), "path": str(f), "file_name": f.name} for f in files]
+        return [{"image_id": display_path(f.relative_to(p)), "path": str(f), "file_name": display_path(f.name)}
+                for f in files]
     if not p.is_file():
         raise FileNotFoundError(f"--images {p}: no such folder or list file")
     if p.suffix == ".json":
-        items = json.loads(p.read_text())
+        try:
+            items = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--images {p}: not valid JSON ({e}); a JSON list of {{'image_id', 'path'}} "
+                             f"expected") from None
         if not isinstance(items, list):
             raise ValueError(f"--images {p}: a JSON list of {{'image_id', 'path'}} expected")
-        for it in items:
-            if not Path(it["path"]).is_absolute():
+        for i, it in enumerate(items):
+            if not isinstance(it, dict):
+                raise ValueError(f"--images {p}: item {i} is {type(it).__name__}, not an object "
+                                 f"{{'image_id', 'path'}}")
+            if it.get("path") and not Path(it["path"]).is_absolute():
                 it["path"] = str(p.parent / it["path"])
+            if "image_id" not in it:  # keyed by its path, or by its position when it has none
+                it["image_id"] = it.get("path") or f"{p.name}[{i}]"
+            if not it.get("path"):  # the engine makes it an error record naming the list and the item
+                it["file_name"] = f"{p.name}[{i}]"
         return items
     items = []
     for line in p.read_text().splitlines():
@@ -748,6 +780,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="shapes")
     ap.add_argument("--param", action="append", default=[], help="override a masks setting: key=value (dotted keys)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = step_config(args.profile, "masks", **parse_params(args.param))
@@ -763,14 +796,16 @@ def cli(argv: list[str] | None = None) -> int:
         summaries = []
         for items, out in jobs:
             summaries.append((out, run_masks(cfg, items, out, fn=fn, progress=not args.no_progress)))
-    except (engine.ResumeMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (engine.ResumeMismatchError, engine.FolderBusyError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for out, summary in summaries:
         if summary.get("merged"):
             print(json.dumps({k: summary[k] for k in ("step", "n_items", "ok", "failed", "failed_reasons")}))
             print(f"records: {out / engine.RECORDS}")
-    return 0  # failed images are counted in summary.json; they do not fail the command
+    # failed images are error records counted in summary.json; they fail the command only with --strict
+    return engine.strict_exit(args.strict, [s for _, s in summaries])
+
 
 
 if __name__ == "__main__":

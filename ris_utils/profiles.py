@@ -78,11 +78,15 @@ def load_profile(profile: str | os.PathLike, _chain: tuple = ()) -> dict:
     """
     path = profile_path(profile)
     if path.resolve() in _chain:
-        raise ValueError(f"profile file {path}: 'extends' loops ({' -> '.join(p.stem for p in _chain)} -> {path.stem})")
+        raise ValueError(f"profile file {path}: 'extends' loops ({' -> '.join(p.stem for p in _chain)} -> "
+                         f"{path.stem}); remove one of the 'extends:' lines")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"profile file {path} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"profile file {path} is not valid YAML{where}: {what}; fix the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"profile file {path} must be a mapping with a 'shared' section")
     base = data.pop("extends", None)
@@ -151,6 +155,28 @@ def step_config(profile: str | os.PathLike, step: str, **overrides) -> dict:
     cfg = deep_merge(cfg, overrides)
     cfg["step"] = step
     return resolve_paths(cfg)
+
+
+def _as_path(value) -> Path:
+    p = Path(str(value))
+    return (p if p.is_absolute() else project_root() / p).resolve()
+
+
+def is_profile_default(cfg: dict, step: str, key: str, value) -> bool:
+    """Whether ``value`` is what the profile file itself sets for ``<step>.<key>`` (dotted), compared as paths:
+    i.e. not a path the user named through ``--param`` / notebook parameters. A ``cfg`` without ``profile`` (built
+    in code) counts as the defaults; a profile that cannot be reloaded by name (given as a path) does not.
+
+    Used where a missing asset may be trained on first use: only the profile's own default asset is."""
+    if not cfg.get("profile"):
+        return True
+    try:
+        node = load_profile(cfg["profile"]).get(step) or {}
+    except (OSError, ValueError):
+        return False
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node is not None and _as_path(node) == _as_path(value)
 
 
 def notebook_parameters(profile: str | os.PathLike, notebook_number: str) -> dict:

@@ -179,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     only = args.only.split(",") if args.only else None
-    run_profile(args.profile, only=only, params=parse_params(args.params), kernel_name=args.kernel,
-                progress=not args.no_progress)
+    try:
+        load_profile(args.profile)  # a broken profile is one line naming the file, before any notebook runs
+        params = parse_params(args.params)
+    except (ValueError, OSError) as e:
+        from ris_utils.__main__ import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    run_profile(args.profile, only=only, params=params, kernel_name=args.kernel, progress=not args.no_progress)
     return 0
 
 

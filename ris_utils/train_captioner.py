@@ -32,6 +32,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,34 @@ def _load_word_checkpoint(path: Path, card: dict, cfg: dict) -> Captioner:
     return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, str(path), card)
 
 
+def looks_like_path(value) -> bool:
+    """Whether a ``pretrained`` value names a file (not an open_clip tag such as ``openai``)."""
+    text = str(value or "")
+    if text.startswith("hf-hub:"):  # open_clip's Hugging Face hub tags ("hf-hub:org/name") are not files
+        return False
+    return "/" in text or os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
+def check_captioner_checkpoint(cfg: dict) -> None:
+    """Fail before any work when ``captions.pretrained`` names a file that does not exist, unless it is the
+    profile's own default asset (a shapes captioner is then trained on first use, announced)."""
+    from ris_utils.profiles import is_profile_default
+
+    pre = cfg.get("pretrained")
+    if not looks_like_path(pre):
+        return
+    path = _resolve_path(pre)
+    if path.exists():
+        return
+    if cfg.get("tokenizer", "shapes") == "open_clip":
+        raise FileNotFoundError(f"captions.pretrained {path} does not exist: the authors' CoCa (the paper's "
+                                f"default) comes with `python -m ris_utils download --what coca-cc3m --data-root "
+                                f"<data_root>`; or name an open_clip tag such as mscoco_finetuned_laion2B-s13B-b90k")
+    if not is_profile_default(cfg, "captions", "pretrained", pre):
+        raise FileNotFoundError(f"captions.pretrained {path} does not exist: check the path (a missing captioner "
+                                f"is trained only when it is the profile's own default checkpoint)")
+
+
 def cache_checkpoint(cfg: dict) -> Path:
     """Where a captioner trained on first use is cached: ``<work_dir>/captioner/<model>.pt``."""
     work = Path(cfg.get("work_dir") or "papermill_runs/output/shapes/work")
@@ -369,16 +398,12 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
     dev = resolve_device(device or cfg.get("device", "auto"))
     spec = cfg.get("tokenizer", "shapes")
     name = cfg.get("model", "coca_shapes")
+    check_captioner_checkpoint(cfg)
     if spec == "open_clip":
         from ris_utils.captioning.tokenizer import build_tokenizer
 
         pre = cfg.get("pretrained")
         path = _resolve_path(pre)
-        if path is not None and not path.exists() and not str(pre).startswith("hf-hub:") and (
-                path.suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in str(pre)):
-            raise FileNotFoundError(f"captions.pretrained {pre}: file not found ({path}); the authors' CoCa: "
-                                    f"`python -m ris_utils download --what coca-cc3m --data-root <data_root>`, "
-                                    f"or name an open_clip tag such as mscoco_finetuned_laion2B-s13B-b90k")
         pretrained = str(path) if path is not None and path.exists() else pre
         model = _create(name, None, pretrained).eval().to(dev)
         vs = crops.model_view_settings(model)
@@ -397,7 +422,8 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
             return cap
         logger.warning("captioner checkpoint %s does not match the profile (%s differs); not used", ckpt, why)
     out = cache_checkpoint(cfg)
-    logger.warning("training the shapes captioner now (cached at %s)", out)
+    logger.warning("training the shapes captioner now (no checkpoint matching the profile; a few minutes on CPU; "
+                   "cached at %s)", out)
     cap = train(cfg, out=out)
     cap.model.to(dev)
     return cap

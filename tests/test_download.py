@@ -318,6 +318,54 @@ def test_unreachable_official_host_falls_back_to_the_mirror(server, tmp_path):
         dl.ensure(src2, tmp_path / "other", progress=False)
 
 
+def test_torn_download_is_never_accepted(server, tmp_path, monkeypatch):
+    """Killed while verifying: the file has no final name yet, so the next run verifies it again (issue 11)."""
+    body = _payload(30_000, seed=4)
+    src = _source(server, "/ck.pth", body, dest="checkpoints", sha256=hashlib.sha256(body).hexdigest(),
+                  provides=("checkpoints/ck.pth",))
+    real = dl.file_digests
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies while hashing
+
+    monkeypatch.setattr(dl, "file_digests", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dl.ensure(src, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints" / "ck.pth").exists() and (tmp_path / "checkpoints" / "ck.pth.part").exists()
+    monkeypatch.setattr(dl, "file_digests", real)
+    assert not dl.is_present(src, tmp_path)
+    r = dl.ensure(src, tmp_path, progress=False)
+    assert r["status"] == "downloaded" and (tmp_path / "checkpoints" / "ck.pth").read_bytes() == body
+    assert dl.ensure(src, tmp_path, progress=False)["status"] == "present"
+    # wrong bytes at the final name without a verification record (an older version renamed before hashing)
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "ck.pth").write_bytes(body[:-1] + b"\x00")
+    with pytest.raises(dl.ChecksumError, match="sha256 mismatch"):
+        dl.ensure(src, other, progress=False)
+    assert not (other / "checkpoints" / "ck.pth").exists()
+
+
+def test_zip_unpacks_into_a_symlinked_folder_inside_the_data_root(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("train2014/COCO_train2014_000000000009.jpg", b"jpg")
+    big_disk = tmp_path / "big_disk" / "train2014"
+    big_disk.mkdir(parents=True)
+    root = tmp_path / "root"
+    (root / "images" / "mscoco" / "images").mkdir(parents=True)
+    os.symlink(big_disk, root / "images" / "mscoco" / "images" / "train2014")
+    src = _source(server, "/coco.zip", buf.getvalue(), extract_to="images/mscoco/images",
+                  provides=("images/mscoco/images/train2014/COCO_train2014_000000000009.jpg",))
+    r = dl.ensure(src, root, progress=False)
+    assert r["extracted_files"] == 1 and (big_disk / "COCO_train2014_000000000009.jpg").read_bytes() == b"jpg"
+
+
+def test_https_where_the_host_has_it():
+    assert dl.SOURCES["coco-train2014"].urls[0].startswith("https://")
+    assert all(u.startswith("https://") for u in dl.SOURCES["cutler"].urls)
+
+
 def test_authors_coca_is_downloaded_recorded_and_is_the_paper_default(server, tmp_path):
     """issue 14 item 10: the authors' CC3M CoCa has a source entry (checksum recorded on first download,
     the second URL tried when the first 404s) and is the paper profile's captions.pretrained."""
@@ -341,6 +389,6 @@ def test_authors_coca_is_downloaded_recorded_and_is_the_paper_default(server, tm
 def test_missing_captioner_file_names_the_setting(tmp_path):
     from ris_utils.train_captioner import load_captioner
 
-    with pytest.raises(FileNotFoundError, match="captions.pretrained .*coca-cc3m"):
+    with pytest.raises(FileNotFoundError, match="captions.pretrained .*does not exist.*coca-cc3m"):
         load_captioner({"tokenizer": "open_clip", "model": "coca_ViT-L-14",
                         "pretrained": str(tmp_path / "nowhere" / "epoch_1.pt"), "device": "cpu"})

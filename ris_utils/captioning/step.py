@@ -362,6 +362,10 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     n = engine.check_workers(workers, "captions.workers")
     if not jobs:
         return []
+    if captioner is None:
+        from ris_utils.train_captioner import check_captioner_checkpoint
+
+        check_captioner_checkpoint(cfg)  # a typo'd captions.pretrained fails here, before workers or training
     if n <= 1:
         captioner = captioner or load_captioner(cfg)
         return [{**_run_job(cfg, job, captioner, progress), "workers": 1} for job in jobs]
@@ -531,6 +535,7 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--param", action="append", default=[], help="override, e.g. max_images=10 (repeatable)")
     ap.add_argument("--workers", type=int, default=None,
                     help="processes, each captioning a shard of every image list (default: captions.workers)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -542,10 +547,13 @@ def cli(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else cfg.get("workers", 1)
     jobs = [{"split": split, "mode": mode, "out_dir": args.out, "masks_dir": args.masks}
             for split in splits for mode in modes]
-    for job, s in zip(jobs, run_caption_jobs(cfg, jobs, workers)):
+    summaries = run_caption_jobs(cfg, jobs, workers)
+    for job, s in zip(jobs, summaries):
         print(f"captions {job['mode']} {job['split']}: {s['ok']} ok, {s['failed']} failed in {s['seconds']} s "
               f"-> {s['out_dir']}")
-    return 0
+    from ris_utils import engine
+
+    return engine.strict_exit(args.strict, summaries)
 
 
 __all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt", "image_path",

@@ -358,6 +358,21 @@ class ReferData:
                 yield ref, sent
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dicts, lists, tuples, str, numbers, ...): REFER refs files hold nothing else,
+    and any other global (a function, a class) -- what a crafted file needs to run code -- is refused."""
+
+    ALLOWED = {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int",
+                                          "float", "bool", "complex", "bytearray")}
+    ALLOWED |= {("__builtin__", n) for _, n in ALLOWED} | {("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name} (a refs file holds plain data only; "
+                                     f"loading it could run code)")
+
+
 def load_refer(data_root: str | os.PathLike, dataset: str, split_by: str,
                image_root: str | os.PathLike | None = None) -> ReferData:
     """Read ``<data_root>/<dataset>/refs(<split_by>).p`` + ``instances.json`` (RefCOCO family or ours).
@@ -374,10 +389,10 @@ def load_refer(data_root: str | os.PathLike, dataset: str, split_by: str,
     try:
         with open(rp, "rb") as f:
             try:
-                refs = pickle.load(f)  # only the file the caller pointed at
+                refs = SafeUnpickler(f).load()  # plain data only: a crafted file cannot run code
             except UnicodeDecodeError:  # a Python 2 pickle with non-ASCII str
                 f.seek(0)
-                refs = pickle.load(f, encoding="latin1")
+                refs = SafeUnpickler(f, encoding="latin1").load()
     except Exception as e:  # noqa: BLE001 - report which file is broken
         raise ValueError(f"{rp}: not a readable refs pickle ({type(e).__name__}: {e})") from e
     try:

@@ -149,6 +149,7 @@ class _ReferBase(torch.utils.data.Dataset):
                        for r in self.refs]  # per ref (n_sent, L)
         self._img_cache: dict[int, tuple[torch.Tensor, Letterbox]] = {}
         self._mask_cache: dict[int, torch.Tensor] = {}
+        self._keys: dict[int, str] = {}
 
     def image(self, image_id: int) -> tuple[torch.Tensor, Letterbox]:
         if image_id in self._img_cache:
@@ -162,6 +163,18 @@ class _ReferBase(torch.utils.data.Dataset):
         out = (torch.from_numpy(lbimg).permute(2, 0, 1).contiguous(), lb)  # uint8 3xSxS
         if self.cache:
             self._img_cache[image_id] = out
+        return out
+
+    def image_keys(self, ref_indices) -> list[str]:
+        """The resolved image file path of each ref (the key of :class:`ris_utils.ris.features.ImageFeatureStore`:
+        the same image seen through a linked export and through the human data root is one key)."""
+        out = []
+        for i in (ref_indices.tolist() if torch.is_tensor(ref_indices) else ref_indices):
+            image_id = self.refs[int(i)]["image_id"]
+            if image_id not in self._keys:
+                self._keys[image_id] = f"{os.path.realpath(_image_path(self.refer, image_id, self.fallback))}" \
+                                       f"@{self.input_size}"
+            out.append(self._keys[image_id])
         return out
 
     def lb_mask(self, i: int, lb: Letterbox) -> torch.Tensor:

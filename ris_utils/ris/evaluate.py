@@ -17,11 +17,17 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, open_refer
-from ris_utils.ris.train import DEFAULTS, build_tokenizer, evaluate_model, make_model
+from ris_utils.ris.features import feature_stores
+from ris_utils.ris.train import (
+    DEFAULTS,
+    build_tokenizer,
+    evaluate_model,
+    load_model_state,
+    load_ris_checkpoint,
+    make_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +41,18 @@ def load_checkpoint(path, device="cpu"):
         path = path / "last.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train writes <out>/last.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_ris_checkpoint(path)  # weights_only=True: a crafted file cannot run code
     cfg = {**DEFAULTS, **ckpt["config"]}
     tok = build_tokenizer({**cfg, "tokenizer": ckpt["tokenizer"]})
     model = make_model(cfg, tok)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt, path)
     return model.to(device).eval(), tok, cfg
 
 
 def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | None = None,
                         split_by: str | None = None, convention: str | None = None, device="auto",
-                        loaded=None, keep_predictions: int = 0, max_refs: int | None = None, **overrides) -> dict:
+                        loaded=None, keep_predictions: int = 0, max_refs: int | None = None, stores=None,
+                        **overrides) -> dict:
     """Scores of one checkpoint on one split (``{"mIoU", "oIoU", "Pr@0.5", ..., "n"}`` + provenance).
 
     ``loaded`` = a ``load_checkpoint`` result to reuse across splits; ``max_refs`` = score only the first that
@@ -66,7 +73,10 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
         ds.refs = ds.refs[:int(max_refs)]
         ds.pairs = [p for p in ds.pairs if p[0] < len(ds.refs)]
     convention = convention or cfg.get("convention", "lavt")
-    scores = evaluate_model(model, ds, cfg, dev, convention=convention, keep_predictions=keep_predictions)
+    if stores is None:
+        stores = feature_stores(model, cfg, dev)
+    scores = evaluate_model(model, ds, cfg, dev, convention=convention, keep_predictions=keep_predictions,
+                            stores=stores)
     scores.update({"checkpoint": str(checkpoint), "data": str(refer.data_root), "dataset": refer.dataset,
                    "split_by": refer.split_by, "split": split, "convention": convention,
                    "threshold": float(cfg.get("threshold", 0.35)), "n_refs": len(ds.refs)})

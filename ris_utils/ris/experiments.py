@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ris_utils.fileio import atomic_write
+from ris_utils.ris.diagnostics import ATTRIBUTE_KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
 def job_key(job: Job, cfg: dict) -> str:
     """Identity of a job's results: its training set, style, seed, data and training settings -- not the
     folders (``work_dir``, ``out``), so a copy of the work folder or another checkout reuses finished jobs."""
-    skip = {"experiments", "step", "work_dir", "profile", "data_root", "note"}
+    skip = {"experiments", "step", "work_dir", "profile", "data_root", "note", "feature_cache", "feature_cache_mb"}
     d = asdict(job)
     d.pop("out")
     d["train_path"] = "/".join(Path(job.train_path).parts[-2:])
@@ -257,6 +258,8 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     from ris_utils.ris.train import train
 
     job = Job(**job) if isinstance(job, dict) else job
+    if not cfg.get("feature_cache") and cfg.get("work_dir"):  # frozen towers: features shared by every run
+        cfg = {**cfg, "feature_cache": str(runs_dir(cfg) / "features")}
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     out = Path(job.out)
@@ -298,13 +301,15 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
     names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
     from ris_utils.models import resolve_device
     from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
+    from ris_utils.ris.features import feature_stores
 
     device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
     loaded = load_checkpoint(out / "last.pt", device)
+    stores = feature_stores(loaded[0], {**loaded[2], "feature_cache": cfg.get("feature_cache")}, device)
     paths = []
     for ev, split in todo:
         scores = evaluate_checkpoint(out / "last.pt", ev.get("data_root") or cfg["data_root"], split, ev["dataset"],
-                                     ev.get("split_by", "shapes"), loaded=loaded, device=device)
+                                     ev.get("split_by", "shapes"), loaded=loaded, device=device, stores=stores)
         scores.update(trainset=job.trainset, style=ev["style"], seed=job.seed, train_style=job.style)
         if ev.get("eval_only"):
             scores["eval_key"] = _eval_key(key, ev, split)
@@ -366,6 +371,7 @@ def collect(runs_dir) -> list[dict]:
     for p in sorted(Path(runs_dir).glob("*/*/seed*/eval/*.json")):
         d = json.loads(p.read_text())
         rows.append({k: d.get(k) for k in ("trainset", "style", "split", "seed", "train_style", "mIoU", "oIoU",
-                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n", "pick_acc", "pick_chance")}
+                                           "Pr@0.5", "Pr@0.7", "Pr@0.9", "n", "pick_acc", "pick_chance",
+                                           *(f"pick_acc_{a}" for a in ATTRIBUTE_KINDS))}
                     | {"path": str(p)})
     return rows

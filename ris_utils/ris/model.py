@@ -58,6 +58,56 @@ class CoordConv(nn.Module):
 # --------------------------------------------------------------------------- backbone
 
 
+def attnpool_dense(pool: nn.Module, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+    """CLIP's ``AttentionPool2d`` run at EVERY position of (B, C, H, W) -> (B, embed_dim, H, W) (CRIS).
+
+    Each position is a query over all positions (keys/values), with the pool's positional embedding
+    resized bicubically when the grid differs from the one it was trained for."""
+    b, c, h, w = x.shape
+    side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
+    pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+    if (side, side) != (h, w):
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    x = (x + pos.to(x.dtype)).flatten(2).permute(2, 0, 1)  # (HW, B, C)
+    x, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=c, num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=training,
+        need_weights=False)
+    return x.permute(1, 2, 0).reshape(b, -1, h, w)
+
+
+def visual_trunk(visual: nn.Module, img: torch.Tensor):
+    """``ModifiedResNet`` stem + layers: img (B, 3, S, S) -> (C3 = layer2, C4 = layer3, layer4) maps."""
+    x = visual.stem(img.to(visual.conv1.weight.dtype))
+    c3 = visual.layer2(visual.layer1(x))
+    c4 = visual.layer3(c3)
+    return c3, c4, visual.layer4(c4)
+
+
+def dense_map(visual: nn.Module, img: torch.Tensor) -> torch.Tensor:
+    """The dense C5 map of a CLIP image tower without CRIS's (new) shortcut: attention pool at every
+    position of layer4 -> (B, embed_dim, S/s5, S/s5); what :mod:`ris_utils.ris.pretrain` aligns with text."""
+    return attnpool_dense(visual.attnpool, visual_trunk(visual, img)[2], visual.training)
+
+
+def set_c5_stride(visual: nn.Module, stride: int) -> nn.Module:
+    """Run ``layer4`` of a ``ModifiedResNet`` at stride 16 (``stride=16``: its first block's average pools,
+    main path and shortcut, become identities; the weights are unchanged) or keep CLIP's 32. In place."""
+    if stride == 32:
+        return visual
+    if stride != 16:
+        raise ValueError(f"c5_stride must be 16 or 32, got {stride}")
+    block = visual.layer4[0]
+    block.avgpool = nn.Identity()
+    if block.downsample is not None:
+        block.downsample[0] = nn.Identity()
+    return visual
+
+
+
 class CLIPBackbone(nn.Module):
     """Multi-scale image features and word/sentence features from an open_clip ``CLIP`` with a
     ``ModifiedResNet`` image tower.
@@ -96,35 +146,22 @@ class CLIPBackbone(nn.Module):
         self.embed_dim = (self.text_projection.shape[1] if isinstance(self.text_projection, torch.Tensor)
                           else self.text_projection.out_features)
 
-    def spatial_attnpool(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP's attention pool run at every position of (B, C, H, W) -> (B, embed_dim, H, W)."""
-        pool = self.visual.attnpool
-        b, c, h, w = x.shape
-        res = self.c5_shortcut(x)
-        side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
-        pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
-        if (side, side) != (h, w):
-            pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
-        x = (x + pos.to(x.dtype)).flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        x, _ = F.multi_head_attention_forward(
-            query=x, key=x, value=x, embed_dim_to_check=c, num_heads=pool.num_heads,
-            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
-            in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
-            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
-            out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=self.training,
-            need_weights=False)
-        x = x.permute(1, 2, 0).reshape(b, -1, h, w)
-        return F.relu(x + res)
+    def trunk(self, img: torch.Tensor):
+        """The text-independent CLIP part (frozen with the image tower, cacheable): img (B, 3, S, S) ->
+        (C3, C4, layer4 map, attention pool at every layer4 position (:func:`attnpool_dense`))."""
+        c3, c4, l4 = visual_trunk(self.visual, img)
+        return c3, c4, l4, attnpool_dense(self.visual.attnpool, l4, self.visual.training)
+
+    def finish(self, feats):
+        """(C3, C4, layer4, pooled) of :meth:`trunk` -> (C3, C4, C5) with C5 = ReLU(pooled + shortcut(layer4))
+        (CRIS; the shortcut is new and always trained)."""
+        c3, c4, l4, a5 = feats
+        return c3, c4, F.relu(a5 + self.c5_shortcut(l4))
 
     def encode_image(self, img: torch.Tensor):
-        """img (B, 3, S, S) normalised -> (C3 (B, 8w, S/8, S/8), C4 (B, 16w, S/16, S/16), C5 (B, D, S/32, S/32))."""
-        v = self.visual
-        x = v.stem(img.to(v.conv1.weight.dtype))
-        x = v.layer1(x)
-        c3 = v.layer2(x)
-        c4 = v.layer3(c3)
-        c5 = self.spatial_attnpool(v.layer4(c4))
-        return c3, c4, c5
+        """img (B, 3, S, S) normalised -> (C3 (B, 8w, S/8, S/8), C4 (B, 16w, S/16, S/16), C5 (B, D, S/s5, S/s5));
+        s5 = 32 (CLIP) or 16 (:func:`set_c5_stride`)."""
+        return self.finish(self.trunk(img))
 
     def encode_text(self, tokens: torch.Tensor):
         """tokens (B, L) -> words (B, L, text width), sentence (B, embed_dim) read at the end-of-text token."""
@@ -255,15 +292,23 @@ class Projector(nn.Module):
     Input (B, 2·in_dim, h, w) and (B, word_dim); output logits (B, 1, 4h, 4w).
     """
 
-    def __init__(self, word_dim: int, in_dim: int, kernel_size: int = 3):
+    def __init__(self, word_dim: int, in_dim: int, kernel_size: int = 3, upsample: int = 4):
         super().__init__()
         self.in_dim, self.kernel_size = in_dim, kernel_size
-        self.vis = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            conv_bn_relu(in_dim * 2, in_dim * 2, 3, 1),
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-            conv_bn_relu(in_dim * 2, in_dim, 3, 1),
-            nn.Conv2d(in_dim, in_dim, 1))
+        if upsample == 4:  # CRIS
+            self.vis = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                conv_bn_relu(in_dim * 2, in_dim * 2, 3, 1),
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                conv_bn_relu(in_dim * 2, in_dim, 3, 1),
+                nn.Conv2d(in_dim, in_dim, 1))
+        elif upsample == 2:  # (ours, tiny CPU head) one x2 stage: logits at stride 8, ~4x fewer operations
+            self.vis = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                conv_bn_relu(in_dim * 2, in_dim, 3, 1),
+                nn.Conv2d(in_dim, in_dim, 1))
+        else:
+            raise ValueError(f"projector upsample must be 2 or 4 (CRIS), got {upsample}")
         self.txt = nn.Linear(word_dim, in_dim * kernel_size * kernel_size + 1)
 
     def init_prior(self, p: float) -> None:
@@ -306,7 +351,8 @@ class CRIS(nn.Module):
     """
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
-                 dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None):
+                 dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None,
+                 proj_upsample: int = 4, clip_prior: bool = False):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -315,31 +361,78 @@ class CRIS(nn.Module):
                              "(the decoder cross-attends visual tokens to word features)")
         self.neck = FPN(backbone.channels, fpn_out)
         self.decoder = VisionLanguageDecoder(num_layers, fpn_out[1], num_heads, dim_ffn, dropout)
-        self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3)
+        self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3, upsample=int(proj_upsample))
         self.pad_token_id = int(pad_token_id)
+        self.frozen: tuple = ()  # CLIP towers frozen by :meth:`freeze`
+        # (ours, off in CRIS) the pretrained CLIP's own text-to-pixel score as a residual logit:
+        # prior(x) = a * (cos(D(x), s) - b), D = dense C5 attention-pool map, s = sentence embedding
+        self.clip_prior = nn.Parameter(torch.tensor([10.0, 0.3])) if clip_prior else None
         if prior:
             self.proj.init_prior(float(prior))
 
     def encode_image(self, img: torch.Tensor):
-        """The text-independent part: multi-scale image features (C3, C4, C5) for :meth:`forward`'s ``feats``."""
-        return self.backbone.encode_image(img)
+        """The text-independent part (:meth:`CLIPBackbone.trunk`) for :meth:`forward`'s ``feats``."""
+        return self.backbone.trunk(img)
 
-    def forward(self, img: torch.Tensor | None, tokens: torch.Tensor, feats=None) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor):
+        """(words (B, L, W), sentence (B, E)) for :meth:`forward`'s ``text``."""
+        return self.backbone.encode_text(tokens)
+
+    def forward(self, img: torch.Tensor | None, tokens: torch.Tensor, feats=None, text=None) -> torch.Tensor:
         """``feats`` = :meth:`encode_image` output for these samples (then ``img`` is not used): several
-        sentences about one image share one image encoding (evaluation)."""
+        sentences about one image share one image encoding (evaluation), and a frozen image tower's features
+        are computed once per image (:mod:`ris_utils.ris.features`); ``text`` = :meth:`encode_text` output
+        (a frozen text tower's features, cached per sentence)."""
         pad_mask = tokens == self.pad_token_id  # (B, L)
         if feats is None:
-            feats = self.backbone.encode_image(img)
-        words, state = self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
-        fq = self.neck(feats, state)  # (B, D, S/16, S/16)
+            feats = self.backbone.trunk(img)
+        words, state = text if text is not None else self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
+        fq = self.neck(self.backbone.finish(feats), state)  # (B, D, S/16, S/16)
         fq = self.decoder(fq, words, pad_mask)
-        return self.proj(fq, state)  # (B, 1, S/4, S/4)
+        logits = self.proj(fq, state)  # (B, 1, S/4, S/4)
+        if self.clip_prior is not None:
+            logits = logits + F.interpolate(self.prior_logits(feats[3], state), size=logits.shape[-2:],
+                                            mode="bilinear", align_corners=False)
+        return logits
+
+    def prior_logits(self, dense: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """(B, E, h, w) dense C5 attention-pool map, (B, E) sentence -> (B, 1, h, w) ``a * (cos - b)``."""
+        cos = torch.einsum("behw,be->bhw", F.normalize(dense, dim=1), F.normalize(state, dim=-1))
+        a, b = self.clip_prior
+        return (a * (cos - b))[:, None]
+
+    #: parameter-name prefixes of the two CLIP towers (what :meth:`freeze` freezes)
+    TOWERS = {"visual": ("backbone.visual.",),
+              "text": ("backbone.token_embedding", "backbone.positional_embedding", "backbone.transformer.",
+                       "backbone.ln_final.", "backbone.text_projection")}
+
+    def freeze(self, which: str = "none") -> CRIS:
+        """Freeze CLIP's towers (ETRIS-style parameter-efficient tuning, Xu et al., ICCV 2023):
+        ``none`` (CRIS: everything trains, the backbone at 0.1x lr) | ``visual`` | ``text`` | ``both``.
+        Frozen parameters get ``requires_grad = False`` and frozen modules stay in eval mode (BatchNorm
+        statistics fixed) whatever :meth:`train` is called with. CRIS's new C5 shortcut always trains."""
+        if which not in ("none", "visual", "text", "both"):
+            raise ValueError(f"ris.freeze must be none, visual, text or both, got {which!r}")
+        self.frozen = {"none": (), "visual": ("visual",), "text": ("text",), "both": ("visual", "text")}[which]
+        prefixes = tuple(p for t in self.frozen for p in self.TOWERS[t])
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith(prefixes))
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> CRIS:
+        super().train(mode)
+        b = self.backbone
+        for tower in getattr(self, "frozen", ()):
+            for m in ((b.visual,) if tower == "visual" else (b.transformer, b.ln_final)):
+                m.eval()
+        return self
 
     def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float) -> list[dict]:
         """AdamW groups: the CLIP backbone at ``lr * backbone_lr_mult`` (CRIS: 0.1), the rest at ``lr``."""
-        bb = [p for n, p in self.named_parameters() if n.startswith("backbone.") and "c5_shortcut" not in n]
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # frozen towers: not optimised
+        bb = [p for n, p in named if n.startswith("backbone.") and "c5_shortcut" not in n]
         bb_ids = {id(p) for p in bb}
-        rest = [p for p in self.parameters() if id(p) not in bb_ids]
+        rest = [p for n, p in named if id(p) not in bb_ids]
         return [{"params": bb, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
                 {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
 
@@ -370,11 +463,13 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
         if context_length:
             text_cfg["context_length"] = int(context_length)
         kwargs = {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    with _quiet_root_logger():  # open_clip warns on the root logger that a random init is random
+    with quiet_root_logger():  # open_clip warns on the root logger that a random init is random
         return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
 
 
-class _quiet_root_logger:
+class quiet_root_logger:
+    """Silence the root logger inside the block (open_clip warns there that a random init is random)."""
+
     def __enter__(self):
         self.level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
@@ -388,14 +483,16 @@ def _clip_from_file(name: str, path: str):
     state dict; fp16 weights are loaded as fp32), e.g. the shapes CLIP ``ris_utils/assets/clip_shapes.pt``."""
     import open_clip
 
+    from ris_utils.models import register_open_clip_configs
     from ris_utils.profiles import project_root
 
+    register_open_clip_configs()
     p = Path(path)
     if not p.is_absolute() and not p.is_file():
         p = project_root() / p
     if not p.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} not found (ris.pretrained)")
-    with _quiet_root_logger():
+    with quiet_root_logger():
         model = open_clip.create_model(name, pretrained=None, device="cpu")
     state = torch.load(p, map_location="cpu", weights_only=True)
     sd = {k: v.float() for k, v in state.get("state_dict", state).items()}
@@ -408,10 +505,11 @@ def _clip_from_file(name: str, path: str):
 
 def _build(clip_name: str, default_pretrained: str | None, defaults: dict, word_len: int, eot_token_id: int,
            pretrained: str | None = "default", image_size: int | None = None, vocab_size: int | None = None,
-           **head) -> CRIS:
+           c5_stride: int = 32, **head) -> CRIS:
     pretrained = default_pretrained if pretrained == "default" else pretrained
     clip = _clip(clip_name, pretrained, image_size=image_size, vocab_size=vocab_size,
                  context_length=word_len if pretrained is None else None)
+    set_c5_stride(clip.visual, int(c5_stride))
     backbone = CLIPBackbone(clip, word_len=word_len, eot_token_id=eot_token_id)
     return CRIS(backbone, **{**defaults, **head})
 
@@ -442,8 +540,18 @@ def build_cris_clip_shapes(word_len=16, eot_token_id=3, **kw) -> CRIS:
     return _build("clip_shapes", "ris_utils/assets/clip_shapes.pt", d, word_len, eot_token_id, **kw)
 
 
+def build_cris_clip_dense(word_len=16, eot_token_id=3, c5_stride=16, **kw) -> CRIS:
+    """The tiny head on the shapes world's pretrained CLIP (``clip_shapes_dense``, the analogue of CRIS's
+    OpenAI RN50: ModifiedResNet width 16 with C5 at stride 16, embed 64, text width 64; weights
+    ``ris_utils/assets/clip_shapes_dense.pt`` from :mod:`ris_utils.ris.pretrain`: generic captions of another
+    shapes world, dense region-text contrast)."""
+    d = dict(fpn_out=(32, 64, 128), num_layers=1, num_heads=4, dim_ffn=128, dropout=0.0)
+    return _build("clip_shapes_dense", "ris_utils/assets/clip_shapes_dense.pt", d, word_len, eot_token_id,
+                  c5_stride=c5_stride, **kw)
+
+
 MODEL_REGISTRY = {"cris_rn50": build_cris_rn50, "cris_rn101": build_cris_rn101, "cris_tiny": build_cris_tiny,
-                  "cris_clip_shapes": build_cris_clip_shapes}
+                  "cris_clip_shapes": build_cris_clip_shapes, "cris_clip_dense": build_cris_clip_dense}
 
 
 def build_model(name: str, word_len: int = 17, eot_token_id: int = 49407, **kw) -> CRIS:

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 ROW_ORDER = ("naive", "distinctive", "pseudo_ris", "gt", "gt10", "gt10+pseudo")
-PICK_COLUMNS = ("pick_acc", "pick_chance")  # the evaluation's object-pick diagnostic (ris.train.evaluate_model)
+# the evaluation's object-pick diagnostic (ris.train.evaluate_model), overall and per attribute kind named
+PICK_COLUMNS = ("pick_acc", "pick_chance", "pick_acc_color", "pick_acc_shape", "pick_acc_size", "pick_acc_pattern",
+                "pick_acc_location")
 ROW_LABELS = {"naive": "naive captions", "distinctive": "+ distinctive sampling",
               "pseudo_ris": "+ filtering (Pseudo-RIS)", "gt": "ground truth (fully supervised)",
               "gt10": "10% ground truth", "gt10+pseudo": "10% ground truth + Pseudo-RIS"}

@@ -39,6 +39,8 @@ from torch import nn
 
 from ris_utils.fileio import atomic_write
 from ris_utils.ris.dataset import RisEvalSet, RisTrainSet, open_refer
+from ris_utils.ris.diagnostics import pick_by_attribute
+from ris_utils.ris.features import feature_stores
 from ris_utils.ris.model import build_model, ris_loss
 
 logger = logging.getLogger(__name__)
@@ -53,13 +55,18 @@ DEFAULTS = dict(
     input_size=416,           # letterbox side S (CRIS: 416)
     word_len=17,              # tokens per sentence (CRIS: 17)
     threshold=0.35,           # sigmoid threshold at test time (CRIS)
-    epochs=50, batch_size=64, lr=1e-4, backbone_lr_mult=0.1, weight_decay=0.0, grad_clip=0.0,
+    epochs=50, train_steps=None,  # train_steps (if set) replaces epochs: that many optimizer steps
+    batch_size=64, lr=1e-4, backbone_lr_mult=0.1, weight_decay=0.0, grad_clip=0.0,
     schedule={"name": "multistep", "milestones": [35], "gamma": 0.1, "warmup_steps": 0},
     val_split="val", val_max_refs=None, eval_batch_size=64, num_workers=0, cache=True,
+    val_every=None,           # also evaluate the val refs every this many steps (the pick-vs-step curve)
     convention="lavt", seed=0, device="auto",
     adam_eps=1e-8,            # AdamW epsilon
     threads=None,             # torch CPU threads (None = torch's default); 1 avoids oversubscription
     dice_weight=0.0,          # (our choice, shapes) + dice loss; CRIS: 0 (BCE only)
+    freeze="none",            # none (CRIS) | visual | text | both (ETRIS-style frozen towers, cached features)
+    feature_cache=None,       # folder for the frozen image tower's features (shared by runs); None = memory only
+    feature_cache_mb=None,    # memory bound of the in-memory feature copy (None = unbounded)
 )
 
 
@@ -86,7 +93,32 @@ def resolve_config(cfg: dict) -> dict:
         if alias in given:
             margs.setdefault(key, given[alias])
     out["model_args"] = margs
+    check_settings(out)
     return out
+
+
+#: ``ris`` settings checked before any work: (key, kind, smallest value, None allowed).
+_NUMERIC = (("epochs", int, 1, False), ("batch_size", int, 1, False), ("input_size", int, 8, False),
+            ("word_len", int, 2, False), ("eval_batch_size", int, 1, False), ("num_workers", int, 0, False),
+            ("seed", int, None, False), ("threads", int, 1, True), ("val_max_refs", int, 1, True),
+            ("lr", float, 0.0, False), ("backbone_lr_mult", float, 0.0, False), ("weight_decay", float, 0.0, False),
+            ("grad_clip", float, 0.0, False), ("threshold", float, None, False), ("adam_eps", float, 0.0, False),
+            ("dice_weight", float, 0.0, False), ("train_steps", int, 1, True), ("val_every", int, 1, True),
+            ("feature_cache_mb", float, 0.0, True))
+
+
+def check_settings(cfg: dict) -> None:
+    """Refuse a non-numeric / out-of-range ``ris`` setting before any work, naming it (``ris.epochs=abc``)."""
+    for key, kind, lo, nullable in _NUMERIC:
+        v = cfg.get(key)
+        if v is None and nullable:
+            continue
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and (kind is float or v == int(v))
+        if not ok or (lo is not None and v < lo):
+            need = "an integer" if kind is int else "a number"
+            need += f" >= {lo}" if lo is not None else ""
+            raise ValueError(f"ris.{key} must be {need}{' or null' if nullable else ''}, got {v!r}; fix it in the "
+                             f"profile's ris section or --param {key}=...")
 
 
 class DistBatchNorm(nn.Module):
@@ -171,8 +203,9 @@ def make_model(cfg: dict, tok) -> nn.Module:
     if pretrained in (None, "none") or (pretrained == "default" and cfg["model"] == "cris_tiny"):
         # random init: the CLIP is built at the letterbox size with the tokenizer's vocabulary
         kw.update(image_size=cfg["input_size"], vocab_size=tok.vocab_size)
-    return build_model(cfg["model"], word_len=cfg["word_len"], eot_token_id=tok.eot_token_id,
-                       pretrained=None if pretrained == "none" else pretrained, **kw)
+    model = build_model(cfg["model"], word_len=cfg["word_len"], eot_token_id=tok.eot_token_id,
+                        pretrained=None if pretrained == "none" else pretrained, **kw)
+    return model.freeze(cfg.get("freeze") or "none")
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, sched: dict) -> float:
@@ -198,26 +231,118 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, sched: dict) ->
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},  # plain data, no ndarray
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    st = s["numpy"]
+    if isinstance(st, dict):
+        st = (st["kind"], st["keys"].numpy().astype(np.uint32), st["pos"], st["has_gauss"], st["cached_gaussian"])
+    np.random.set_state(st)
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def plain(obj):
+    """``obj`` as data a ``torch.load(weights_only=True)`` reads: dicts, lists, tuples, str, numbers, None,
+    tensors (numpy scalars -> Python numbers, arrays -> tensors, paths and other objects -> str)."""
+    if isinstance(obj, torch.Tensor | str | bool | int | float | type(None)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v) for v in obj)
+    return str(obj)
+
+
 def atomic_save(obj, path: Path) -> None:
+    """``torch.save(plain(obj))`` through a temp file (``.<name>.tmp<PID>``, removed by the next run if this one
+    is killed) and ``os.replace``: a reader sees the old checkpoint or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    torch.save(plain(obj), tmp)
     os.replace(tmp, path)
 
 
+class CheckpointLoadError(ValueError):
+    """A RIS checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _legacy_numpy_globals() -> list:
+    """numpy's array / scalar reconstructors: checkpoints written before RNG states were stored as plain data
+    hold the numpy RNG state as an ndarray (reconstructing arrays runs no code; torch documents this list)."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    return [_reconstruct, scalar, np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType,
+            np.dtypes.Int64DType]
+
+
+def load_ris_checkpoint(path, what: str = "RIS checkpoint") -> dict:
+    """A training checkpoint (``<out>/last.pt``) read with ``torch.load(weights_only=True)``: a crafted file
+    cannot run code. Raises :class:`CheckpointLoadError` (one line naming the file and what to do) for a
+    missing, truncated or damaged file, a file holding Python objects, or a bare state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointLoadError(f"{what} {path} does not exist (train writes <out>/last.pt); check the path")
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle_errors() as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            unsafe = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln][:1]
+            raise CheckpointLoadError(
+                f"{what} {path} holds Python objects that a safe load refuses ({'; '.join(unsafe) or first}): it was "
+                f"not written by `python -m ris_utils train` and loading it could run code; not loaded") from None
+        raise CheckpointLoadError(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: "
+                                  f"{first[:200]}); it is truncated or damaged: copy it again or retrain") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointLoadError(f"{what} {path} holds a {type(ckpt).__name__}, not a training checkpoint of "
+                                  f"`python -m ris_utils train`")
+    missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
+    if missing:
+        bare = ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        raise CheckpointLoadError(
+            f"{what} {path} " + ("is a bare state dict (weights only, no config / tokenizer)" if bare else
+                                 f"lacks {missing}") +
+            ": evaluate / resume need the <out>/last.pt that `python -m ris_utils train` writes")
+    return ckpt
+
+
+def pickle_errors() -> tuple:
+    import pickle
+    import zipfile
+
+    return (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            AttributeError, TypeError, IndexError, KeyError)
+
+
+def load_model_state(model: nn.Module, ckpt: dict, path, what: str = "RIS checkpoint") -> None:
+    """``model.load_state_dict(ckpt["model"])``, failing with one line naming the file when the weights belong
+    to another architecture / version (missing or unexpected keys, shape mismatches)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointLoadError(
+            f"{what} {path} does not fit model {ckpt.get('config', {}).get('model')!r} built from its own config "
+            f"({msg[:300]}...): it was written for another architecture or by another version; retrain it") from None
+
+
 def _write_logs(out: Path, history: list, steps: list) -> None:
-    tmp = out / ".log.csv.tmp"
+    tmp = out / f".log.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "epoch", "loss", "lr"])
@@ -272,10 +397,15 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         raise ValueError(f"ris.batch_size={cfg['batch_size']} must be divisible by the number of processes {world}")
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        from ris_utils.fileio import hold_folder_lock, remove_stale_temps
+
+        lock = hold_folder_lock(out, what="ris train")  # a second training into this folder is refused
+        remove_stale_temps(out, legacy=True)  # .last.pt.tmp<PID> / .log.csv.tmp<PID> of a killed run
     ckpt_path = out / "last.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    ckpt = load_ris_checkpoint(ckpt_path, "checkpoint to resume") if ckpt_path.exists() else None
     if ckpt is not None:  # resume with the run's own settings (keeping overrides of epochs)
-        cfg = {**ckpt["config"], "epochs": cfg["epochs"], "device": cfg.get("device", "auto")}
+        cfg = {**ckpt["config"], "epochs": cfg["epochs"], "train_steps": cfg.get("train_steps"),
+               "device": cfg.get("device", "auto")}
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     seed = int(cfg["seed"])
@@ -297,7 +427,11 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{train_path}: {len(train_set)} training refs < batch_size {cfg['batch_size']}")
-    total_steps = steps_per_epoch * cfg["epochs"]
+    if cfg.get("train_steps"):  # a fixed number of optimizer steps (every training set the same compute)
+        total_steps = int(cfg["train_steps"])
+        cfg["epochs"] = math.ceil(total_steps / steps_per_epoch)
+    else:
+        total_steps = steps_per_epoch * cfg["epochs"]
     val_set = None
     if val_path is not None and master:
         val_set = RisEvalSet(open_refer(val_path, val_dataset, val_split_by or split_by), cfg["val_split"], **common)
@@ -308,7 +442,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     # ---- model, optimizer
     model = make_model(cfg, tok).to(device)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt, ckpt_path, "checkpoint to resume")
+    stores = feature_stores(model, cfg, device)  # frozen towers: features computed once
     if world > 1:
         model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda"
                  else convert_dist_batchnorm(model))
@@ -317,11 +452,11 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"])
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=float(cfg["adam_eps"]))
-    start_epoch, step, history, steps_log = 0, 0, [], []
+    start_epoch, step, history, steps_log, curve = 0, 0, [], [], []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
-        history, steps_log = ckpt["history"], ckpt["steps_log"]
+        history, steps_log, curve = ckpt["history"], ckpt["steps_log"], ckpt.get("curve", [])
         _set_rng_state(ckpt["rng"])
         if master:
             logger.info("resuming %s from epoch %d (step %d)", out, start_epoch, step)
@@ -339,11 +474,15 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not (progress and master),
                    leave=False, mininterval=2.0)
         for batch in bar:
+            if step >= total_steps:
+                break
             f = lr_factor(step, total_steps, steps_per_epoch, cfg["schedule"])
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = base * f
             img, tokens, mask = (batch[k].to(device) for k in ("img", "tokens", "mask"))
-            logits = model(img, tokens)  # (B, 1, S/4, S/4)
+            feats = stores[0].batch(train_set.image_keys(batch["index"]), img) if stores[0] else None
+            text = stores[1].batch(tokens) if stores[1] else None
+            logits = model(None if feats else img, tokens, feats=feats, text=text)  # (B, 1, S/4, S/4)
             loss = ris_loss(logits, mask, dice_weight=cfg["dice_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -359,46 +498,61 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             steps_log.append([step, epoch, round(lval, 6), base_lrs[-1] * f])
             step += 1
             bar.set_postfix(loss=f"{lval:.4f}")
+            every = int(cfg.get("val_every") or 0)
+            if master and val_set is not None and every and (step % every == 0 or step == total_steps):
+                sc = evaluate_model(raw, val_set, cfg, device, stores=stores)
+                curve.append({"step": step, "pick_acc": sc["pick_acc"], "mIoU": sc["mIoU"]})
         entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                  "seconds": round(time.time() - t0, 2)}
         if master and val_set is not None:
-            scores = evaluate_model(raw, val_set, cfg, device)
+            scores = evaluate_model(raw, val_set, cfg, device, stores=stores)
             entry.update({f"val_{k}": v for k, v in scores.items()})
         history.append(entry)
         if master:
             state = {"model": unwrap_state_dict(model), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "step": step, "history": history, "steps_log": steps_log, "rng": _rng_state(),
+                     "step": step, "history": history, "steps_log": steps_log, "curve": curve, "rng": _rng_state(),
                      "config": cfg, "tokenizer": tokenizer_spec(tok)}
             atomic_save(state, ckpt_path)
             _write_logs(out, history, steps_log)
+            if curve:
+                atomic_write(out / "curve.json", json.dumps(curve, indent=1))
             logger.info("epoch %d: %s", epoch + 1, entry)
         if world > 1:
             dist.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
+    if master:
+        lock.release()
     return {"out": str(out), "epochs": len(history), "history": history, "checkpoint": str(ckpt_path)}
 
 
 @torch.no_grad()
-def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device) -> torch.Tensor:
+def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device, stores=(None, None)
+                           ) -> torch.Tensor:
     """Logits of an evaluation batch, encoding each distinct image of the batch once (consecutive sentences
     mostly share images: ~10 per image on the shapes world) when the model can take precomputed image
-    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise."""
+    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise.
+    ``stores`` = :func:`ris_utils.ris.features.feature_stores` of a model with frozen towers."""
     img, tokens = batch["img"].to(device), batch["tokens"].to(device)
     if not hasattr(model, "encode_image"):
         return model(img, tokens)
+    img_store, txt_store = stores or (None, None)
+    text = txt_store.batch(tokens) if txt_store else None
+    if img_store is not None:
+        feats = img_store.batch(data.image_keys(batch["ref_index"]), img)
+        return model(None, tokens, feats=feats, text=text)
     image_ids = [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
     first: dict = {}
     inverse = torch.tensor([first.setdefault(k, len(first)) for k in image_ids], device=img.device)
     if len(first) == len(image_ids):
-        return model(img, tokens)
+        return model(img, tokens, text=text)
     rows = torch.tensor([image_ids.index(k) for k in first], device=img.device)
     feats = model.encode_image(img[rows])
-    return model(None, tokens, feats=tuple(f[inverse] for f in feats))
+    return model(None, tokens, feats=tuple(f[inverse] for f in feats), text=text)
 
 
 def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
-                   keep_predictions: int = 0) -> dict:
+                   keep_predictions: int = 0, stores=None) -> dict:
     """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
     size: sigmoid -> :func:`unletterbox` -> ``> threshold`` (CRIS). ``keep_predictions`` > 0 also returns
     the first that many ``(ref_index, sent_index, HxW bool prediction)`` under ``"predictions"``.
@@ -419,9 +573,9 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.get("eval_batch_size", 64), shuffle=False,
                                          collate_fn=collate, num_workers=0)
     thr = float(cfg.get("threshold", 0.35))
-    picks, chance = [], []
+    picks, chance, pick_records = [], [], []
     for batch in loader:
-        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device))[:, 0].float().cpu()
+        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
             full = unletterbox(p, data.geometry(i))  # (H, W) probabilities at the original size
             gt = data.gt_mask(i)
@@ -434,6 +588,8 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
                 best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].any() else -1.0)[0]
                 picks.append(best == data.refs[i]["ann_id"])
                 chance.append(1.0 / len(objs))
+                sent = data.refs[i]["sentences"][j]
+                pick_records.append((sent.get("sent") or sent.get("raw") or "", picks[-1]))
             if len(kept) < keep_predictions:
                 kept.append((i, j, pred))
     model.train(was_training)
@@ -441,6 +597,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     out["pick_acc"] = float(np.mean(picks)) if picks else None
     out["pick_chance"] = float(np.mean(chance)) if chance else None
     out["pick_n"] = len(picks)
+    out.update(pick_by_attribute(pick_records))  # pick_acc_<color|shape|size|pattern|location>
     if keep_predictions:
         out["predictions"] = kept
         out["ious"] = ious

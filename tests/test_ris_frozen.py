@@ -1,0 +1,124 @@
+"""Frozen CLIP towers (ris.freeze): exactly the named parameters and BatchNorm statistics are frozen; cached
+frozen features give the same logits (and training) as the uncached forward; the feature cache is shared."""
+
+import pytest
+import torch
+
+from ris_utils.ris.dataset import RisEvalSet, open_refer
+from ris_utils.ris.features import ImageFeatureStore, TextFeatureStore, tower_digest
+from ris_utils.ris.model import CRIS, build_model, set_c5_stride
+from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
+from ris_utils.ris.train import build_tokenizer, evaluate_model, make_model, resolve_config, train
+
+
+def _tiny(freeze="none", c5_stride=32):
+    torch.manual_seed(0)
+    return build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12,
+                       c5_stride=c5_stride).freeze(freeze)
+
+
+def _tokens(b, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.zeros(b, L, dtype=torch.long)
+    t[:, 0], t[:, 1:4], t[:, 4] = 2, torch.randint(4, 12, (b, 3), generator=g), 3
+    return t
+
+
+@pytest.mark.parametrize("which", ["none", "visual", "text", "both"])
+def test_freeze_freezes_exactly_the_named_towers(which):
+    m = _tiny(which)
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    vis = {n for n, _ in m.named_parameters() if n.startswith("backbone.visual.")}
+    txt = {n for n, _ in m.named_parameters() if n.startswith(CRIS.TOWERS["text"])}
+    want = (vis if which in ("visual", "both") else set()) | (txt if which in ("text", "both") else set())
+    assert vis and txt and frozen == want
+    assert not any(n.startswith(("backbone.c5_shortcut", "neck.", "decoder.", "proj.")) for n in frozen)
+    # BatchNorm statistics of a frozen image tower do not move in a training step; the head's do
+    m.train()
+    bn_vis = m.backbone.visual.bn1
+    bn_head = m.neck.f5_norm[0]
+    before = bn_vis.running_mean.clone(), bn_head.running_mean.clone()
+    logits = m(torch.randn(4, 3, 64, 64), _tokens(4))
+    logits.mean().backward()
+    assert bn_vis.training == (which not in ("visual", "both"))
+    assert torch.equal(bn_vis.running_mean, before[0]) == (which in ("visual", "both"))
+    assert not torch.equal(bn_head.running_mean, before[1])
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert not grads & frozen and "proj.txt.weight" in grads
+    names = {id(p) for g in m.param_groups(1e-3, 0.1, 0.0) for p in g["params"]}
+    assert names == {id(p) for p in m.parameters() if p.requires_grad}  # frozen: not handed to the optimizer
+    with pytest.raises(ValueError, match="ris.freeze"):
+        m.freeze("backbone")
+
+
+def test_cached_features_give_the_same_logits(tmp_path):
+    m = _tiny("both", c5_stride=16).train()
+    img, tok = torch.randn(6, 3, 64, 64), _tokens(6, seed=1)
+    img[3] = img[1]  # two sentences about one image
+    keys = [f"img{i}" for i in (0, 1, 2, 1, 4, 5)]
+    ref = m(img, tok)
+    store, tstore = ImageFeatureStore(m, 64, folder=tmp_path / "f"), TextFeatureStore(m)
+    feats = store.batch(keys, img)
+    assert store.misses == 5 and store.hits == 0  # img1 encoded once
+    got = m(None, tok, feats=feats, text=tstore.batch(tok))
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # a second store (another run) reads the disk copy: no image is encoded again
+    store2 = ImageFeatureStore(m, 64, folder=tmp_path / "f")
+    with torch.no_grad():
+        assert torch.allclose(m(None, tok, feats=store2.batch(keys, img * 0)), ref, atol=1e-4, rtol=1e-4)
+    assert store2.misses == 0
+    # other weights -> another folder (never stale features)
+    other = _tiny("both", c5_stride=16)
+    with torch.no_grad():
+        other.backbone.visual.conv1.weight.add_(0.1)
+    assert tower_digest(other.backbone.visual) != tower_digest(m.backbone.visual)
+    # the memory bound evicts the oldest
+    small = ImageFeatureStore(m, 64, max_mb=1e-3)
+    small.batch(keys, img)
+    assert len(small.mem) == 1
+
+
+def _cfg(**kw):
+    cfg = dict(tokenizer=toy_tokenizer_spec(8), word_len=8, input_size=32, epochs=2, batch_size=4, lr=2e-3,
+               weight_decay=0.01, schedule={"name": "cosine", "warmup_steps": 2}, threads=1, seed=0,
+               device="cpu", grad_clip=1.0)
+    cfg.update(kw)
+    return cfg
+
+
+def test_frozen_training_with_and_without_cache_is_identical(tmp_path):
+    toy = make_toy_refer(tmp_path / "toy", n_images=12, height=40, width=56)
+    a = train(_cfg(freeze="both"), toy, tmp_path / "a", val_path=toy, progress=False)
+    b = train(_cfg(freeze="both", feature_cache=str(tmp_path / "cache")), toy, tmp_path / "b", val_path=toy,
+              progress=False)
+    assert any((tmp_path / "cache").rglob("*.pt"))
+    la = [h["train_loss"] for h in a["history"]]
+    lb = [h["train_loss"] for h in b["history"]]
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    ca = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    # frozen towers stay where they were after the first epoch; the head moved
+    train(_cfg(freeze="both"), toy, tmp_path / "c", progress=False, stop_after_epoch=1)
+    fresh = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["model"]
+    assert torch.equal(ca["backbone.token_embedding.weight"], fresh["backbone.token_embedding.weight"])
+    assert torch.equal(ca["backbone.visual.conv1.weight"], fresh["backbone.visual.conv1.weight"])
+    assert torch.equal(ca["backbone.visual.bn1.running_mean"], fresh["backbone.visual.bn1.running_mean"])
+    assert not torch.equal(ca["proj.txt.weight"], fresh["proj.txt.weight"])
+    # evaluation through the stores = the plain forward
+    cfg = resolve_config(_cfg(freeze="both"))
+    tok = build_tokenizer(cfg)
+    model = make_model(cfg, tok)
+    model.load_state_dict(ca)
+    data = RisEvalSet(open_refer(toy), "val", tok, cfg["input_size"], cfg["word_len"])
+    from ris_utils.ris.features import feature_stores
+
+    plain = evaluate_model(model, data, cfg, "cpu", keep_predictions=100)
+    cached = evaluate_model(model, data, cfg, "cpu", keep_predictions=100, stores=feature_stores(model, cfg))
+    assert cached["ious"] == pytest.approx(plain["ious"], abs=1e-6)
+
+
+def test_c5_stride_16_doubles_the_c5_grid():
+    m = _tiny("none", c5_stride=16)
+    c3, c4, c5 = m.backbone.encode_image(torch.randn(2, 3, 64, 64))
+    assert c4.shape[-1] == 4 and c5.shape[-1] == 4  # stride 16, not 32
+    with pytest.raises(ValueError, match="c5_stride"):
+        set_c5_stride(m.backbone.visual, 8)
