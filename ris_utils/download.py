@@ -30,11 +30,14 @@ Behaviour:
   URL, the file it was for and where to put a copy fetched elsewhere; files already in place are verified
   and used without any network access.
 
-open_clip weights (CoCa ``coca_ViT-L-14``, CLIP ``RN50``) are NOT downloaded here: they load through
-open_clip's own ``pretrained=`` mechanism (its pretrained table / Hugging Face hub cache), exactly as the
-authors load them; the authors' CC3M fine-tune (https://huggingface.co/SeonghoonYu/pseudo-ris) is an
-open_clip *training* checkpoint, which ``pretrained=<path to the .pt file>`` also loads (see
-docs/paper_profile.md).
+The paper's captioner, the authors' CoCa ViT-L/14 fine-tuned on CC3M (``coca-cc3m``, from the Hugging Face
+repo ``SeonghoonYu/pseudo-ris``), is an open_clip *training* checkpoint: it is downloaded here to
+``DIR/checkpoints/coca_laion_cc3m_epoch_1.pt`` (no checksum is published: the first download records its
+sha256 and size in ``checksums.lock.json``) and loaded through open_clip's ``pretrained=<path>`` (the paper
+profile's ``captions.pretrained``). Stock open_clip weights (CLIP ``RN50`` / ``openai``, the CoCa
+alternative ``mscoco_finetuned_laion2B-s13B-b90k``) are NOT downloaded here: they load through open_clip's
+own ``pretrained=`` mechanism (its pretrained table / Hugging Face hub cache), exactly as the authors load
+them.
 """
 
 from __future__ import annotations
@@ -160,6 +163,19 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
         provides=("checkpoints/sam_vit_b_01ec64.pth",), note="SAM ViT-B (not used by the paper; quick trials)",
     ),
     Source(
+        name="coca-cc3m",
+        urls=("https://huggingface.co/SeonghoonYu/pseudo-ris/resolve/main/epoch_1.pt",
+              "https://huggingface.co/SeonghoonYu/pseudo-ris/resolve/main/logs/laion_cc3m/checkpoints/epoch_1.pt"),
+        filename="coca_laion_cc3m_epoch_1.pt", dest="checkpoints",
+        provides=("checkpoints/coca_laion_cc3m_epoch_1.pt",),
+        note=("the authors' CoCa ViT-L/14 (LAION-2B, fine-tuned by them on CC3M): the paper's captioner "
+              "(distinctive_caption_generation.py l. 35-47 loads logs/laion_cc3m/checkpoints/epoch_1.pt), an "
+              "open_clip training checkpoint from the Hugging Face repo SeonghoonYu/pseudo-ris, loaded with "
+              "open_clip's pretrained=<path>; the file's path inside that repo is not documented: the two "
+              "likely ones are tried, else put epoch_1.pt there by hand"),
+        aliases=("coca", "coca-laion-cc3m"),
+    ),
+    Source(
         name="cutler", urls=("https://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",),
         filename="cutler_cascade_final.pth", dest="checkpoints",
         provides=("checkpoints/cutler_cascade_final.pth",),
@@ -177,7 +193,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 
 #: What the paper profile needs (``--what paper``).
 GROUPS = {
-    "paper": ("refcoco", "refcoco+", "refcocog", "coco-train2014", "sam-vit-h"),
+    "paper": ("refcoco", "refcoco+", "refcocog", "coco-train2014", "sam-vit-h", "coca-cc3m"),
     "refer": ("refcoco", "refcoco+", "refcocog"),
 }
 

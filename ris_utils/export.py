@@ -6,7 +6,10 @@ reads filter records (``<work_dir>/filter/<mode>/<split>/records.jsonl``; or cap
 ``--unfiltered``, for the naive / distinctive ablation rows) and writes::
 
     <out>/<dataset>/refs(<split_by>).p     one ref per exported mask, split "train", every surviving caption
-                                           a sentence (with --unfiltered: every candidate)
+                                           a sentence (with --unfiltered: every candidate); a mask without
+                                           survivors gets all its candidates (filter.fallback: all, the
+                                           authors' loader); export.max_sentences_per_ref / export.order
+                                           keep the first k survivors in generation or DoC order
     <out>/<dataset>/instances.json         images, one annotation per exported mask (segmentation [RLE]),
                                            categories = the head nouns (a mask's category: the most
                                            frequent noun among its sentences, ties -> the first seen)
@@ -55,6 +58,34 @@ IMAGE_SUBDIR = "images/train2014"
 IMAGE_MODES = ("link", "copy", "none")
 #: what marks a folder as an export (or mix): only such a folder (or an empty / new one) is replaced by a re-export
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
+#: ``export.order``: the order of a ref's sentences (and which ``export.max_sentences_per_ref`` keeps)
+ORDERS = ("generation", "doc")
+
+
+def select_sentences(cands: list[dict], survivors, max_sentences: int | None = None,
+                     order: str = "generation") -> list[int]:
+    """The candidate indices a ref gets as sentences, from its mask's ``survivors``.
+
+    ``max_sentences`` (``export.max_sentences_per_ref``): ``None`` = every survivor (the authors' main loader
+    draws uniformly over all of them, ``my_utils/pseudo_datasets.py`` l. 650-655 at de5d124), else the first
+    ``k``. ``order`` (``export.order``): ``"generation"`` keeps the candidates' order (view, then setting),
+    ``"doc"`` sorts by DoC, highest first (stable: ties keep generation order). The authors' LMDB loader of
+    their RefCOCO-mask experiments reads ``pseudo_captions[:2]`` (l. 141; the LMDB's order is not in their
+    repository): ``max_sentences_per_ref: 2`` with ``order: doc`` is that rule with the order made explicit.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"export.order must be one of {ORDERS}, got {order!r}")
+    if max_sentences is not None and (isinstance(max_sentences, bool) or not isinstance(max_sentences, int)
+                                      or max_sentences < 1):
+        raise ValueError(f"export.max_sentences_per_ref must be null or an int >= 1, got {max_sentences!r}")
+    idx = [int(i) for i in survivors]
+    if order == "doc":
+        missing = [i for i in idx if cands[i].get("doc") is None]
+        if missing:
+            raise ValueError("export.order 'doc' needs filter records (a DoC per candidate); these are captions "
+                             "records: use order 'generation'")
+        idx = sorted(idx, key=lambda i: -float(cands[i]["doc"]))
+    return idx if max_sentences is None else idx[:max_sentences]
 
 
 def _read_records(candidates_dir) -> list[dict]:
@@ -102,7 +133,8 @@ def _finite(x):
 
 def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, split_by: str = DEFAULT_SPLIT_BY,
                    unfiltered: bool = False, images_dir=None, images: str = "link", dedupe: bool = False,
-                   name: str | None = None) -> dict:
+                   name: str | None = None, max_sentences_per_ref: int | None = None,
+                   order: str = "generation") -> dict:
     """Write the REFER-format export of ``candidates_dir`` to ``out_dir`` (layout in the module docstring).
 
     Arguments:
@@ -114,11 +146,14 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
       images: ``"link"`` | ``"copy"`` | ``"none"``.
       dedupe: write each distinct caption of a mask once (default: every candidate, duplicates included).
       name: a label stored in the card.
+      max_sentences_per_ref, order: which survivors become sentences, in which order (:func:`select_sentences`;
+        filtered exports only: ``unfiltered`` exports write every candidate in generation order).
     Returns:
       the dataset card (dict), also written to ``dataset_card.json`` / ``.md``.
     """
     if images not in IMAGE_MODES:
         raise ValueError(f"export images must be one of {IMAGE_MODES}, got {images!r}")
+    select_sentences([], [], max_sentences_per_ref, order)  # validate the settings before any work
     candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
     records = _read_records(candidates_dir)
     is_filter = any("survivors" in m for r in records for m in (r.get("masks") or []))
@@ -152,10 +187,11 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
             n_masks += 1
             cands = m.get("candidates") or []
             if unfiltered:
-                surv = list(range(len(cands)))
+                surv = all_surv = list(range(len(cands)))
                 dropped = None if cands else "no_candidates"
             else:
-                surv = list(m.get("survivors") or [])
+                all_surv = list(m.get("survivors") or [])
+                surv = select_sentences(cands, all_surv, max_sentences_per_ref, order)
                 dropped = m.get("dropped") or (None if surv else "no_survivor")
             if m.get("fallback"):
                 n_fallback += int(not unfiltered)
@@ -174,13 +210,13 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
                     "mode": c.get("mode"), "noun": c.get("noun"),
                     "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
                     "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
-                    "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in surv,
+                    "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in all_surv,
                     "exported": dropped is None and ci in surv,
                 })
             if dropped is not None:
                 drop_reasons[dropped] += 1
                 continue
-            survivors_per_mask.append(len(surv))
+            survivors_per_mask.append(len(all_surv))
             texts = [cands[i]["text"] for i in surv]
             if dedupe:
                 texts = list(dict.fromkeys(texts))
@@ -222,6 +258,8 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
         "dataset": dataset, "split_by": split_by, "split": "train",
         "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
         "images_dir": IMAGE_SUBDIR if images != "none" else None, "images_mode": images, "dedupe": dedupe,
+        "max_sentences_per_ref": None if unfiltered else max_sentences_per_ref,
+        "order": "generation" if unfiltered else order,
         "counts": {
             "images": n_images_ok, "images_failed": n_failed, "images_with_refs": exported_images,
             "masks": n_masks, "masks_exported": len(refs), "masks_dropped": int(sum(drop_reasons.values())),
@@ -243,6 +281,56 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     (out_dir / "dataset_card.md").write_text(card_markdown(card))
     stage.commit()
     return card
+
+
+def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_ref: int | None = None,
+                           order: str = "generation", unfiltered: bool = False, min_iou: float = 0.5) -> dict:
+    """Shapes world: distinct rate of the sentences a training set trains on, without writing it.
+
+    A CRIS-style loader visits every ref once per epoch and draws ONE of its sentences uniformly (the
+    authors' doc_mode loader, ``my_utils/pseudo_datasets.py`` l. 650-660; ``ris_utils.ris.dataset``), so the
+    expected share of distinct training samples is the mean over exported refs of the share of distinct
+    sentences in the ref. A sentence is distinct when ``shapes.referee(sentence) == {the GT object}`` of the
+    ref's mask (IoU >= ``min_iou``; refs of unmatched masks count as not distinct).
+
+    Arguments:
+      records: filter records (or captions records with ``unfiltered``: every candidate a sentence).
+      scenes: ``shapes.load_scenes(data_root)``.
+      max_sentences_per_ref, order: as :func:`select_sentences`.
+    Returns:
+      ``{"per_sample": mean over refs of the distinct share, "per_sentence": distinct / sentences,
+      "refs": n, "sentences": n, "sentences_per_ref": mean}``.
+    """
+    from ris_utils.data import shapes
+
+    per_ref, n_sent, n_dist = [], 0, 0
+    for rec in records:
+        if rec.get("status", "ok") != "ok":
+            continue
+        scene = scenes.get(rec["image_id"])
+        if scene is None:
+            raise KeyError(f"training_distinct_rate: image {rec['image_id']} has no scene (wrong data_root?)")
+        gt = shapes.object_masks(scene)
+        for m in rec.get("masks") or []:
+            cands = m.get("candidates") or []
+            if unfiltered:
+                idx = list(range(len(cands)))
+            else:
+                if m.get("dropped"):
+                    continue
+                idx = select_sentences(cands, m.get("survivors") or [], max_sentences_per_ref, order)
+            if not idx:
+                continue
+            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
+            obj, _ = shapes.match_object(mask, gt, min_iou)
+            d = [obj is not None and shapes.referee(cands[i]["text"], scene) == {obj} for i in idx]
+            per_ref.append(sum(d) / len(d))
+            n_sent += len(d)
+            n_dist += sum(d)
+    nan = float("nan")
+    return {"per_sample": float(np.mean(per_ref)) if per_ref else nan,
+            "per_sentence": n_dist / n_sent if n_sent else nan, "refs": len(per_ref), "sentences": n_sent,
+            "sentences_per_ref": n_sent / len(per_ref) if per_ref else nan}
 
 
 def card_markdown(card: dict) -> str:
@@ -311,7 +399,9 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
         cards[name] = export_dataset(src, work / "export" / name, dataset=export_cfg.get("dataset", DEFAULT_DATASET),
                                      split_by=export_cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=not filtered,
                                      images_dir=images_dir_of(filter_cfg), images=export_cfg.get("image_mode", "link"),
-                                     dedupe=bool(export_cfg.get("dedupe", False)), name=name)
+                                     dedupe=bool(export_cfg.get("dedupe", False)), name=name,
+                                     max_sentences_per_ref=export_cfg.get("max_sentences_per_ref"),
+                                     order=export_cfg.get("order", "generation"))
     return cards
 
 
@@ -404,7 +494,7 @@ def cli_export(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default=None, help=f"REFER dataset name (default: profile, {DEFAULT_DATASET})")
     ap.add_argument("--split-by", default=None, help=f"REFER split_by (default: profile, {DEFAULT_SPLIT_BY})")
     ap.add_argument("--unfiltered", action="store_true", help="every candidate a sentence (ablation rows)")
-    ap.add_argument("--images", default=None, help="source image folder (default: <data_root>/images)")
+    ap.add_argument("--images", default=None, help="source image folder (default: <data_root>/images/train2014)")
     ap.add_argument("--image-mode", default=None, choices=IMAGE_MODES, help="link (default) | copy | none")
     ap.add_argument("--format", default="refer",
                     help="comma-separated: refer,cris,hf (cris -> <out>/cris, hf -> <out>/hf; ris_utils.formats)")
@@ -419,12 +509,14 @@ def cli_export(argv: list[str] | None = None) -> int:
     if not (Path(args.candidates) / "records.jsonl").is_file():
         ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
     cfg = step_config(args.profile, "export", **parse_params(args.param))
-    images_dir = args.images or cfg.get("images") or (Path(cfg["data_root"]) / "images" if cfg.get("data_root")
+    images_dir = args.images or cfg.get("images") or (refer.image_dir(cfg["data_root"]) if cfg.get("data_root")
                                                       else None)
     card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg.get("dataset", DEFAULT_DATASET),
                           split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
                           images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
-                          dedupe=bool(cfg.get("dedupe", False)))
+                          dedupe=bool(cfg.get("dedupe", False)),
+                          max_sentences_per_ref=None if args.unfiltered else cfg.get("max_sentences_per_ref"),
+                          order="generation" if args.unfiltered else cfg.get("order", "generation"))
     print(json.dumps(card["counts"], indent=2))
     for fmt, info in write_formats(args.out, [f for f in formats if f != "refer"]).items():
         print(f"{fmt}: {info['dir']}")
@@ -472,5 +564,5 @@ def cli_mix(argv: list[str] | None = None) -> int:
 
 cli = cli_export
 
-__all__ = ["export_dataset", "build_trainsets", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
+__all__ = ["export_dataset", "select_sentences", "training_distinct_rate", "ORDERS", "build_trainsets", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
            "cli_export", "cli_mix"]

@@ -9,9 +9,21 @@ For every caption candidate ``c`` written for a target mask ``t`` of an image wi
     DoC(c)       = product_t(c) / max_{k != t} product_k(c)
 
 Candidates with ``DoC > 1`` survive (``DoC == 1``, a tie with another mask, does NOT). Images with a single
-mask: ``DoC = noun_t(c)`` and the top half of the mask's candidates by it survive. A mask none of whose
-candidates survives is handled by ``fallback``: ``"keep_random"`` (the authors: one candidate drawn at
-random, seeded per image, so the mask stays in the training set) or ``"drop"`` (the mask gets no ref).
+mask: ``DoC = noun_t(c)`` and the top ``C // 2`` of the mask's ``C`` candidates by it survive, ranked as the
+authors rank them (``np.argsort(doc)[::-1][:C // 2]``, so ties follow numpy's argsort order;
+``my_utils/pseudo_datasets.py`` l. 658-660 at de5d124). With ``C == 1`` that keeps none (the authors' code
+then crashes on ``random.choice([])``; here the mask goes to the fallback below, which by default exports
+its one candidate).
+
+A mask none of whose candidates survives is handled by ``fallback`` (``filter.fallback``):
+
+- ``"all"`` (default, the authors): every candidate of the mask becomes a survivor. The authors' loader
+  draws uniformly over ALL of the mask's candidates at every fetch when none has DoC > 1
+  (``np.random.choice(num_sent)``, ``my_utils/pseudo_datasets.py`` l. 655 and l. 469-470 at de5d124);
+  exporting every candidate as a sentence of the ref gives the same distribution to a loader that draws
+  one sentence per sample.
+- ``"keep_random"``: one candidate drawn at random (seeded per image) -- the project's earlier rule.
+- ``"drop"``: the mask gets no ref.
 
 Non-positive scores (our choice; the ratio assumes positive scores, as CLIP logits of matching pairs are):
 ``nonpositive="clamp"`` (default) uses ``s+ = max(s, 0)`` in the products, i.e. a cosine <= 0 counts as
@@ -22,8 +34,13 @@ paper's formula. ``nonpositive="shift"`` instead adds ``logit_scale`` to every l
 (``s + scale = scale * (1 + cos) >= 0``), a monotone positive transform that changes the ratio's values.
 The single-mask rule ranks by the raw noun score (no transform needed).
 
-Ties in the single-mask rule: ``ceil(C / 2)`` of the ``C`` candidates are kept, ranked by noun score
-(descending), then caption score (descending), then candidate index (ascending).
+Noun prompt (the authors, ``distinctive_caption_generation.py`` l. 259 / 287): ``"a photo of a " + noun``,
+but ``"a photo of " + noun`` when the extracted noun phrase already starts with an article (``a / an /
+the``): :meth:`ClipScorer.prompt_for` applies that rule to any template ending in ``"a {noun}"``.
+
+Precision (``filter.precision``): ``"fp16"`` (the authors: OpenAI ``clip.load`` keeps fp16 weights on CUDA,
+so their features, logits, products and DoC ratio are fp16) or ``"fp32"``. fp16 takes effect on CUDA only;
+on CPU the scorer always runs in fp32 (a no-op, logged once).
 
 Features are computed once per image: one CLIP image pass per view kind (``"masked"`` for all masks, then
 ``1.2`` for all masks) and one text pass over the distinct strings of the image (noun prompts and captions).
@@ -41,7 +58,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +66,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FALLBACKS = ("keep_random", "drop")
+FALLBACKS = ("all", "keep_random", "drop")
+PRECISIONS = ("fp16", "fp32")
+ARTICLES = ("a", "an", "the")
 NONPOSITIVE = ("clamp", "shift")
 DEFAULT_PROMPT = "a photo of a {noun}"
 
@@ -59,7 +77,7 @@ DEFAULT_PROMPT = "a photo of a {noun}"
 
 
 def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonpositive: str = "clamp",
-                              logit_scale: float = 100.0) -> np.ndarray:
+                              logit_scale: float = 100.0, dtype: str = "float64") -> np.ndarray:
     """DoC of C candidates of mask ``target`` among K masks (paper, step 3).
 
     ``DoC(c) = product_t(c) / max_{k != t} product_k(c)`` with ``product_k = noun_k * caption_k``; for
@@ -72,9 +90,15 @@ def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonposit
       target: index of the candidates' own mask (0..K-1).
       nonpositive: ``"clamp"`` or ``"shift"``.
       logit_scale: the shift of ``"shift"`` (CLIP's logit scale: 100 for OpenAI weights).
+      dtype: arithmetic of the products and the ratio: ``"float64"`` (default) or ``"float16"`` (the
+        authors' fp16 CLIP on CUDA: ``target_score / max_other_score`` of fp16 tensors,
+        ``distinctive_caption_generation.py`` l. 298-310; IEEE products and quotients are correctly
+        rounded in numpy and torch alike, so the values are the same).
     Returns:
       float64 array (C,) of DoC values.
     """
+    if dtype not in ("float64", "float16"):
+        raise ValueError(f"DoC dtype must be 'float64' or 'float16', got {dtype!r}")
     n = np.asarray(noun_scores, dtype=np.float64)
     c = np.asarray(caption_scores, dtype=np.float64)
     if n.ndim != 2 or n.shape != c.shape:
@@ -92,21 +116,26 @@ def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonposit
         n, c = np.maximum(n, 0.0), np.maximum(c, 0.0)
     else:
         n, c = n + logit_scale, c + logit_scale
-    prod = n * c  # (C, K)
+    ft = np.float16 if dtype == "float16" else np.float64
+    with np.errstate(over="ignore"):
+        prod = n.astype(ft) * c.astype(ft)  # (C, K)
     own = prod[:, target]
     others = np.delete(prod, target, axis=1).max(axis=1)
     doc = np.zeros(C, dtype=np.float64)
     pos = own > 0
-    with np.errstate(divide="ignore"):
-        doc[pos] = np.where(others[pos] > 0, own[pos] / np.where(others[pos] > 0, others[pos], 1.0), np.inf)
+    with np.errstate(divide="ignore", over="ignore"):
+        safe = np.where(others[pos] > 0, others[pos], ft(1.0))
+        doc[pos] = np.where(others[pos] > 0, (own[pos] / safe).astype(np.float64), np.inf)
     return doc
 
 
 def select_survivors(doc, n_masks: int, noun_scores_t=None, caption_scores_t=None) -> np.ndarray:
     """Boolean ``keep`` (C,) of one mask's candidates.
 
-    ``n_masks > 1``: ``DoC > 1`` (strict). ``n_masks == 1``: the top ``ceil(C / 2)`` by ``doc`` (= the noun
-    score), ties broken by ``caption_scores_t`` (descending, if given), then by index (ascending).
+    ``n_masks > 1``: ``DoC > 1`` (strict). ``n_masks == 1``: the authors' rule, the top ``C // 2`` by ``doc``
+    (= the noun score) in the order of ``np.argsort(doc)[::-1]`` (``my_utils/pseudo_datasets.py``
+    l. 658-659 at de5d124: ties follow numpy's argsort order); ``C == 1`` keeps none (the fallback then
+    applies). ``noun_scores_t`` / ``caption_scores_t`` are accepted for the callers' convenience and not used.
     """
     doc = np.asarray(doc, dtype=np.float64)
     C = len(doc)
@@ -115,17 +144,17 @@ def select_survivors(doc, n_masks: int, noun_scores_t=None, caption_scores_t=Non
     keep = np.zeros(C, dtype=bool)
     if C == 0:
         return keep
-    cap = np.zeros(C) if caption_scores_t is None else np.asarray(caption_scores_t, dtype=np.float64)
-    order = sorted(range(C), key=lambda i: (-doc[i], -cap[i], i))
-    keep[order[: math.ceil(C / 2)]] = True
+    keep[np.argsort(doc)[::-1][: C // 2]] = True
     return keep
 
 
 def apply_fallback(keep, fallback: str, rng: np.random.Generator) -> tuple[list[int], str | None, str | None]:
     """``(survivors, fallback_used, dropped_reason)`` of one mask from its ``keep`` flags.
 
-    No candidate: dropped (``"no_candidates"``). No survivor: ``"keep_random"`` -> one index drawn with
-    ``rng``; ``"drop"`` -> dropped (``"no_survivor"``).
+    No candidate: dropped (``"no_candidates"``). No survivor: ``"all"`` (the authors: their loader draws
+    over all candidates, ``my_utils/pseudo_datasets.py`` l. 655) -> every index; ``"keep_random"`` -> one
+    index drawn with ``rng``; ``"drop"`` -> dropped (``"no_survivor"``). ``rng`` is used by
+    ``"keep_random"`` only.
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -135,6 +164,8 @@ def apply_fallback(keep, fallback: str, rng: np.random.Generator) -> tuple[list[
     surv = [int(i) for i in np.flatnonzero(keep)]
     if surv:
         return surv, None, None
+    if fallback == "all":
+        return list(range(int(keep.size))), "all", None
     if fallback == "keep_random":
         return [int(rng.integers(keep.size))], "keep_random", None
     return [], None, "no_survivor"
@@ -285,23 +316,52 @@ class ClipScorer:
     """
 
     def __init__(self, model, tokenizer, size: int, mean, std, fill=0, prompt: str = DEFAULT_PROMPT,
-                 logit_scale: float | None = None, batch_size: int = 256, device=None):
+                 logit_scale: float | None = None, batch_size: int = 256, device=None, precision: str = "fp32",
+                 box: str = "exclusive"):
         import torch
 
         if "{noun}" not in prompt:
             raise ValueError(f"filter.noun_prompt must contain '{{noun}}', got {prompt!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"filter.precision must be one of {PRECISIONS}, got {precision!r}")
+        from ris_utils.crops import BOX_MODES
+
+        if box not in BOX_MODES:
+            raise ValueError(f"filter.box must be one of {BOX_MODES}, got {box!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.size, self.mean, self.std, self.fill = int(size), tuple(mean), tuple(std), fill
         self.prompt = prompt
         self.batch_size = int(batch_size)
         self.device = device or next(model.parameters()).device
+        self.box = box
+        self.requested_precision = precision
+        # fp16 only on CUDA (the authors' clip.load keeps fp16 weights there); on CPU: fp32, a no-op
+        self.precision = "fp16" if precision == "fp16" and torch.device(self.device).type == "cuda" else "fp32"
+        if precision == "fp16" and self.precision != "fp16":
+            logger.info("filter.precision fp16 asked for on %s: scoring in fp32 (fp16 applies on CUDA only)",
+                        self.device)
         if logit_scale is None:
             with torch.no_grad():
-                logit_scale = float(model.logit_scale.exp().item())
+                logit_scale = float(model.logit_scale.float().exp().item())
+        if self.precision == "fp16":  # as OpenAI's clip.load on CUDA: conv / linear / attention weights in fp16
+            from open_clip.model import convert_weights_to_lp
+
+            convert_weights_to_lp(self.model, torch.float16)
         self.logit_scale = float(logit_scale)
 
+    @property
+    def doc_dtype(self) -> str:
+        """Arithmetic of the DoC ratio: ``"float16"`` when the scores are fp16 (the authors on CUDA)."""
+        return "float16" if self.precision == "fp16" else "float64"
+
     def prompt_for(self, noun: str) -> str:
+        """The noun prompt; the authors' rule: a template ending in ``"a {noun}"`` drops its article when the
+        noun already starts with one (``"a photo of " + noun``; ``distinctive_caption_generation.py``
+        l. 259 / 287)."""
+        first = str(noun).split()[:1]
+        if first and first[0] in ARTICLES and self.prompt.endswith("a {noun}"):  # case-sensitive, as theirs
+            return self.prompt[: -len("a {noun}")] + str(noun)
         return self.prompt.format(noun=noun)
 
     def _encode(self, fn, x):
@@ -310,8 +370,14 @@ class ClipScorer:
         outs = []
         with torch.no_grad():
             for i in range(0, len(x), self.batch_size):
-                f = fn(x[i: i + self.batch_size].to(self.device))
-                outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
+                xb = x[i: i + self.batch_size].to(self.device)
+                if self.precision == "fp16" and xb.is_floating_point():
+                    xb = xb.half()
+                f = fn(xb)
+                if self.precision == "fp16":  # OpenAI CLIP's forward: normalised in fp16
+                    outs.append((f / f.norm(dim=-1, keepdim=True)).half().cpu())
+                else:
+                    outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
         return torch.cat(outs) if outs else torch.zeros(0, 1)
 
     def image_features(self, image: np.ndarray, masks) -> dict:
@@ -324,7 +390,7 @@ class ClipScorer:
         feats = {}
         for view in ("masked", 1.2):
             x = make_views(image, masks, views=(view,), size=self.size, fill=self.fill, mean=self.mean,
-                           std=self.std)[:, 0]  # (K, 3, S, S)
+                           std=self.std, box=self.box)[:, 0]  # (K, 3, S, S)
             feats[view] = self._encode(self.model.encode_image, x)
         return feats
 
@@ -359,8 +425,15 @@ class ClipScorer:
                 continue
             P = torch.stack([txt[self.prompt_for(noun)] for _, noun in cands])  # (C, D)
             T = torch.stack([txt[cap] for cap, _ in cands])  # (C, D)
-            noun_s = self.logit_scale * (P @ img["masked"].T)  # (C, K)
-            cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
+            if self.precision == "fp16":  # the authors (OpenAI CLIP's forward, on the GPU): (logit_scale (fp32
+                # 0-dim) * fp16 image features) @ fp16 text features.T -> fp16 logits_per_image (K, C)
+                scale = torch.tensor(self.logit_scale, dtype=torch.float32, device=self.device)
+                dev = self.device
+                noun_s = ((scale * img["masked"].to(dev)) @ P.to(dev).T).T.float().cpu()  # (C, K)
+                cap_s = ((scale * img[1.2].to(dev)) @ T.to(dev).T).T.float().cpu()
+            else:
+                noun_s = self.logit_scale * (P @ img["masked"].T)  # (C, K)
+                cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
             out.append((noun_s.numpy().astype(np.float32), cap_s.numpy().astype(np.float32)))
         return out
 
@@ -474,7 +547,8 @@ def make_scorer(cfg: dict, device=None) -> ClipScorer:
     model, tok, vs = build_clip(cfg, device)
     return ClipScorer(model, tok, vs["size"], vs["mean"], vs["std"], fill=cfg.get("fill", 0),
                       prompt=cfg.get("noun_prompt", DEFAULT_PROMPT), logit_scale=cfg.get("logit_scale"),
-                      batch_size=int(cfg.get("batch_size", 256)))
+                      batch_size=int(cfg.get("batch_size", 256)), precision=cfg.get("precision", "fp32"),
+                      box=cfg.get("box", "exclusive"))
 
 
 # --------------------------------------------------------------------------- per image
@@ -484,10 +558,11 @@ def _extractor(cfg: dict):
     from ris_utils.text import HeadNounExtractor
 
     hn = dict(cfg.get("head_noun") or {})
-    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"))
+    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"),
+                             rule=hn.get("rule", "authors"))
 
 
-def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "keep_random",
+def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "all",
                   nonpositive: str = "clamp", seed: int = 0) -> dict:
     """The filter body of one image from its captions record (see the module docstring).
 
@@ -495,8 +570,9 @@ def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor
       record: a captions record (``height``, ``width``, ``masks`` with ``segmentation`` and ``candidates``).
       image: HxWx3 uint8 RGB.
       scorer: a :class:`ClipScorer`. extractor: ``text -> noun``.
-      fallback: ``"keep_random"`` or ``"drop"``. nonpositive: see :func:`degree_of_distinctiveness`.
-      seed: seeds the fallback draw.
+      fallback: ``"all"`` (the authors), ``"keep_random"`` or ``"drop"`` (:func:`apply_fallback`).
+      nonpositive: see :func:`degree_of_distinctiveness`.
+      seed: seeds the ``keep_random`` draw.
     """
     from ris_utils.data.refer import decode_segmentation
 
@@ -516,7 +592,8 @@ def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor
     K = len(masks_in)
     out_masks = []
     for t, (m, cl, (ns, cs)) in enumerate(zip(masks_in, cands, scores)):
-        doc = degree_of_distinctiveness(ns, cs, t, nonpositive, scorer.logit_scale) if cl else np.zeros(0)
+        doc = (degree_of_distinctiveness(ns, cs, t, nonpositive, scorer.logit_scale,
+                                         getattr(scorer, "doc_dtype", "float64")) if cl else np.zeros(0))
         keep = select_survivors(doc, K, ns[:, t] if cl else None, cs[:, t] if cl else None)
         surv, fb, dropped = apply_fallback(keep, fallback, rng)
         new_c = []
@@ -537,11 +614,14 @@ def _image_path(record: dict, images_dir: Path | None) -> Path:
 
 
 def images_dir_of(cfg: dict) -> Path | None:
-    """``cfg["images"]``, else ``<data_root>/images``, else None."""
+    """``cfg["images"]``, else the data root's image folder (:func:`ris_utils.data.refer.image_dir`:
+    ``images/mscoco/images/train2014``, ``images/train2014`` or ``images``, the first that exists), else None."""
     if cfg.get("images"):
         return Path(cfg["images"])
     if cfg.get("data_root"):
-        return Path(cfg["data_root"]) / "images"
+        from ris_utils.data.refer import image_dir
+
+        return image_dir(cfg["data_root"])
     return None
 
 
@@ -550,7 +630,8 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     """Filter every image of ``candidates_dir/records.jsonl`` into ``out_dir`` (resumable engine run).
 
     ``cfg`` keys: ``clip`` (see :func:`build_clip`), ``fallback``, ``nonpositive``, ``noun_prompt``, ``fill``,
-    ``logit_scale``, ``head_noun``, ``images`` (image folder; default ``<data_root>/images``), ``seed``.
+    ``logit_scale``, ``head_noun``, ``precision`` (fp16 | fp32), ``box`` (exclusive | authors: the crop box,
+    :data:`ris_utils.crops.BOX_MODES`), ``images`` (image folder; default :func:`images_dir_of`), ``seed``.
     Returns the engine's summary. Captions records with status ``error`` become error records.
     ``rank``, ``world_size``, ``merge_output`` are passed to :func:`ris_utils.engine.run` (one shard of the
     images, merged later with ``engine.merge``; see :func:`filter_jobs`). Default: one process, merged.
@@ -562,7 +643,7 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     if scorer is None:
         check_clip_checkpoint(cfg)
     records = list(engine.read_records(candidates_dir))
-    fallback = cfg.get("fallback", "keep_random")
+    fallback = cfg.get("fallback", "all")
     nonpositive = cfg.get("nonpositive", "clamp")
     if fallback not in FALLBACKS:
         raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
@@ -582,7 +663,7 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
         return filter_record(rec, image, scorer, extractor, fallback, nonpositive, item["seed"])
 
     settings = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
-                                        "head_noun")}
+                                        "head_noun", "precision", "box")}
     settings["candidates"] = str(candidates_dir)
     with torch_threads(cfg.get("threads")):
         return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
@@ -668,7 +749,7 @@ def cli_filter(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", required=True, help="captions step output folder (holds records.jsonl)")
     ap.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json)")
     ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
-    ap.add_argument("--images", default=None, help="image folder (default: <data_root>/images)")
+    ap.add_argument("--images", default=None, help="image folder (default: <data_root>/images/train2014)")
     ap.add_argument("--param", action="append", default=[], help="override a filter setting, e.g. fallback=drop")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)

@@ -3,9 +3,14 @@
 The authors parse every caption with spaCy ``en_core_web_lg`` and take the head noun. spaCy pipelines are
 model downloads (not installable offline here), so :class:`HeadNounExtractor` works in two ways:
 
-- ``backend="spacy"``: ``spacy.load(model)`` (any installed pipeline with a parser/tagger); the head is
-  the root of the first noun chunk, else the first NOUN/PROPN token, else the rule-based answer. spaCy is
-  not a dependency of this package: it is imported only when asked for.
+- ``backend="spacy"``: ``spacy.load(model)`` (any installed pipeline with a parser/tagger). ``rule="authors"``
+  (default) is the authors' ``noun_extraction`` (``my_utils/noun_extraction.py`` at de5d124): start at the
+  sentence's root token; while it is in no noun chunk, step to its FIRST child if that child is in a noun
+  chunk, else give up and return the WHOLE text; the head is the root of the chunk reached, as written
+  (case kept). The whole-text answer is why their noun prompt checks for a leading article (see
+  ``ris_utils.filtering``). ``rule="first_chunk"`` (the project's earlier rule): the root of the first noun
+  chunk (lower case), else the first NOUN/PROPN token, else the rule-based answer. spaCy is not a
+  dependency of this package: it is imported only when asked for.
 - ``backend="rules"`` (our choice, the default when no spaCy pipeline is installed): a deterministic
   rule-based extractor for short referring expressions and captions, documented below.
 - ``backend="auto"``: spaCy when ``spacy.load(model)`` works, else the rules (logged once).
@@ -169,6 +174,32 @@ def rule_head_noun(text: str, nouns=None) -> str:
     return ws[-1] if ws else ""
 
 
+SPACY_RULES = ("authors", "first_chunk")
+
+
+def authors_head_noun(doc, text: str) -> str:
+    """The authors' head noun of a parsed caption (``my_utils/noun_extraction.py`` at de5d124, re-expressed).
+
+    ``doc``: a spaCy ``Doc`` (tokens with ``.i``, ``.head``, ``.children``, ``.text``; ``.noun_chunks`` spans
+    with ``.start``, ``.end``, ``.root``). Returns the root text of the noun chunk holding the sentence root
+    (or, stepping down, its first child's), else ``text`` itself.
+    """
+    in_chunk = {}
+    for chunk in doc.noun_chunks:
+        for i in range(chunk.start, chunk.end):
+            in_chunk[i] = chunk
+    head = next((tok.head for tok in doc if tok.head.i == tok.i), None)
+    if head is None:
+        return text
+    while head.i not in in_chunk:
+        kids = list(head.children)
+        if kids and kids[0].i in in_chunk:
+            head = kids[0]
+        else:
+            return text
+    return in_chunk[head.i].root.text
+
+
 @functools.lru_cache(maxsize=4)
 def _load_spacy(model: str):
     import spacy  # optional; not a dependency of this package
@@ -197,9 +228,13 @@ class HeadNounExtractor:
       backend: the backend actually used (``"spacy"`` or ``"rules"``).
     """
 
-    def __init__(self, backend: str = "auto", spacy_model: str = "en_core_web_lg", nouns=None):
+    def __init__(self, backend: str = "auto", spacy_model: str = "en_core_web_lg", nouns=None,
+                 rule: str = "authors"):
         if backend not in ("auto", "spacy", "rules"):
             raise ValueError(f"head_noun.backend must be 'auto', 'spacy' or 'rules', got {backend!r}")
+        if rule not in SPACY_RULES:
+            raise ValueError(f"head_noun.rule must be one of {SPACY_RULES}, got {rule!r}")
+        self.rule = rule
         self.spacy_model = spacy_model
         self.nouns = sorted({str(n).lower() for n in nouns}) if nouns else None
         self._nlp = None
@@ -218,6 +253,8 @@ class HeadNounExtractor:
 
     def _spacy_head(self, text: str) -> str:
         doc = self._nlp(text)
+        if self.rule == "authors":
+            return authors_head_noun(doc, text)
         for chunk in doc.noun_chunks:
             return chunk.root.text.lower()
         for tok in doc:
@@ -249,4 +286,4 @@ def _extractor(backend, spacy_model, nouns):
     return HeadNounExtractor(backend, spacy_model, nouns)
 
 
-__all__ = ["HeadNounExtractor", "head_noun", "rule_head_noun", "spacy_available", "words"]
+__all__ = ["HeadNounExtractor", "authors_head_noun", "SPACY_RULES", "head_noun", "rule_head_noun", "spacy_available", "words"]

@@ -73,9 +73,10 @@ class Captioner:
     source: str  # where the weights came from (path / tag / "trained now")
     card: dict | None = None
 
-    def views(self, image: np.ndarray, masks, views=crops.PAPER_VIEWS, fill=0):
+    def views(self, image: np.ndarray, masks, views=crops.PAPER_VIEWS, fill=0, box: str = "exclusive"):
         """(N, V, 3, S, S) normalised views of the masks of one image (:func:`ris_utils.crops.make_views`)."""
-        return crops.make_views(image, masks, views, size=self.size, fill=fill, mean=self.mean, std=self.std)
+        return crops.make_views(image, masks, views, size=self.size, fill=fill, mean=self.mean, std=self.std,
+                                box=box)
 
 
 # ------------------------------------------------------------------------------------------ config helpers
@@ -356,6 +357,8 @@ def _load_word_checkpoint(path: Path, card: dict, cfg: dict) -> Captioner:
 def looks_like_path(value) -> bool:
     """Whether a ``pretrained`` value names a file (not an open_clip tag such as ``openai``)."""
     text = str(value or "")
+    if text.startswith("hf-hub:"):  # open_clip's Hugging Face hub tags ("hf-hub:org/name") are not files
+        return False
     return "/" in text or os.sep in text or text.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
@@ -370,7 +373,11 @@ def check_captioner_checkpoint(cfg: dict) -> None:
     path = _resolve_path(pre)
     if path.exists():
         return
-    if cfg.get("tokenizer", "shapes") == "open_clip" or not is_profile_default(cfg, "captions", "pretrained", pre):
+    if cfg.get("tokenizer", "shapes") == "open_clip":
+        raise FileNotFoundError(f"captions.pretrained {path} does not exist: the authors' CoCa (the paper's "
+                                f"default) comes with `python -m ris_utils download --what coca-cc3m --data-root "
+                                f"<data_root>`; or name an open_clip tag such as mscoco_finetuned_laion2B-s13B-b90k")
+    if not is_profile_default(cfg, "captions", "pretrained", pre):
         raise FileNotFoundError(f"captions.pretrained {path} does not exist: check the path (a missing captioner "
                                 f"is trained only when it is the profile's own default checkpoint)")
 

@@ -114,7 +114,7 @@ def test_masks_source_and_cli_errors(world, tmp_path, captioner):
               "predicted_iou": 1.0, "stability_score": 1.0} for o in sc.objects]
     props.append({"segmentation": refer.encode_mask(np.zeros((sc.height, sc.width), np.uint8)),
                   "bbox": [0, 0, 0, 0], "area": 0, "predicted_iou": 0.1, "stability_score": 0.1})
-    items = [{"image_id": sc.image_id, "path": str(world / "images" / sc.file_name), "file_name": sc.file_name}]
+    items = [{"image_id": sc.image_id, "path": str(shapes.image_path(world, sc.file_name)), "file_name": sc.file_name}]
     masks_dir = tmp_path / "masks"
     engine.run("masks", items, lambda it: {"height": sc.height, "width": sc.width, "proposals": props},
                masks_dir, progress=False)

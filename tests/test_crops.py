@@ -103,3 +103,49 @@ def test_degenerate_masks():
         view_crop(img, np.zeros((5, 5), bool), 1.0)
     with pytest.raises(ValueError, match="unknown view"):
         view_crop(img, one, "box")
+
+
+def test_authors_box_is_their_off_by_one_crop():
+    """box="authors": torchvision's masks_to_boxes (inclusive max) used as an exclusive box, enlarged and
+    truncated as in distinctive_caption_generation.py l. 170-199 -- checked against torchvision itself."""
+    import torch
+    import torchvision.transforms.functional as TF
+    from torchvision.ops import masks_to_boxes
+
+    from ris_utils.crops import authors_box_xyxy
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    t = torch.from_numpy(img).permute(2, 0, 1)
+    for k in range(40):
+        m = np.zeros((37, 53), bool)
+        y0, x0 = rng.integers(0, 35), rng.integers(0, 51)
+        m[y0: y0 + rng.integers(2, 20), x0: x0 + rng.integers(2, 30)] = True
+        b = masks_to_boxes(torch.from_numpy(m)[None].float())[0].tolist()
+        for s in (1.0, 1.1, 1.2):
+            w, h = s * (b[2] - b[0]), s * (b[3] - b[1])
+            mx, my = (w - (b[2] - b[0])) / 2, (h - (b[3] - b[1])) / 2
+            ex0, ey0 = max(b[0] - mx, 0.0), max(b[1] - my, 0.0)
+            ex1, ey1 = min(b[2] + mx, 53), min(b[3] + my, 37)
+            ref = TF.crop(t, int(ey0), int(ex0), int(ey1 - ey0), int(ex1 - ex0)).permute(1, 2, 0).numpy()
+            ax0, ay0, ax1, ay1 = authors_box_xyxy(m, s, 53, 37)
+            assert np.array_equal(img[ay0:ay1, ax0:ax1], ref), (k, s)
+        # the scale-1 crops miss the mask's last row and column
+        assert authors_box_xyxy(m, 1.0, 53, 37)[2:] == tuple(v - 1 for v in mask_box_xyxy(m)[2:])
+        crop = view_crop(img, m, 1.0, box="authors")
+        assert crop.shape[0] == max(mask_box_xyxy(m)[2] - mask_box_xyxy(m)[0], mask_box_xyxy(m)[3] - mask_box_xyxy(m)[1]) - 1
+    one = np.zeros((37, 53), bool)
+    one[5, 7] = True  # their crop would be empty; ours keeps the pixel
+    assert authors_box_xyxy(one, 1.2, 53, 37) == (7, 5, 8, 6)
+    with pytest.raises(ValueError, match="crop box"):
+        view_crop(img, one, 1.0, box="inclusive")
+
+
+def test_fill_authors_is_the_normalised_mean():
+    """The authors fill the NORMALISED image with the mean: pixel 255 * mean * (1 + std)."""
+    from ris_utils.crops import DEFAULT_MEAN, DEFAULT_STD, resolve_fill
+
+    f = resolve_fill("authors", DEFAULT_MEAN, DEFAULT_STD)
+    norm = (f / 255.0 - np.array(DEFAULT_MEAN)) / np.array(DEFAULT_STD)
+    assert np.abs(norm - np.array(DEFAULT_MEAN)).max() < 0.5 / 255 / min(DEFAULT_STD)
+    assert f.tolist() == [156, 147, 133]

@@ -307,6 +307,28 @@ def test_beam_search_keeps_the_best_hypothesis_hand_checked():
     assert out == [[1, 4, 4, 2]]
 
 
+def test_beam_search_legacy_shared_hypotheses_score_lengths_without_eot():
+    # transformers < 4.31 (the authors' vendored beam search): length = the hypothesis without its eot.
+    # "a eot": sum 2.0; "b b eot": sum 2.8. >= 4.31: 2.0 / 3 < 2.8 / 4 -> "b b"; < 4.31: 2.0 / 2 > 2.8 / 3 -> "a".
+    ids = TokenIds(sot=1, eot=2, pad=0, vocab_size=5)
+    ninf = -9.0
+    table = {
+        (1,): [ninf, ninf, ninf, 1.0, 0.9],
+        (1, 3): [ninf, ninf, 1.0, -5.0, -5.0],
+        (1, 4): [ninf, ninf, -5.0, -5.0, 0.2],
+        (1, 4, 4): [ninf, ninf, 1.7, -5.0, -5.0],
+    }
+    dec = _TableDecoder(table, 5)
+    kw = dict(num_beams=2, num_beam_groups=1, seq_len=6, min_seq_len=0)
+    assert beam_search(dec, ids, torch.zeros(1, 1, 1), **kw) == [[1, 4, 4, 2]]
+    assert beam_search(dec, ids, torch.zeros(1, 1, 1), hypotheses="shared", **kw) == [[1, 3, 2]]
+    with pytest.raises(ValueError, match="hypotheses"):
+        beam_search(dec, ids, torch.zeros(1, 1, 1), hypotheses="legacy", **kw)
+    with pytest.raises(ValueError, match="hypotheses"):
+        DecodeSetting.parse({"kind": "beam", "hypotheses": "legacy"})
+    assert DecodeSetting.parse({"kind": "beam", "hypotheses": "shared"}).hypotheses == "shared"
+
+
 # ---------------------------------------------------------------------------------------- processors
 
 
@@ -331,6 +353,23 @@ def test_topk_topp_minlength_match_transformers():
         assert torch.equal(MinLengthLogitsProcessor(5, 3)(ids_l, scores),
                            tr.MinLengthLogitsProcessor(5, 3)(ids_l, scores))
     assert torch.equal(TemperatureLogitsProcessor(2.0)(ids, scores), scores / 2)
+
+
+def test_topp_threshold_is_the_python_float_as_transformers_and_the_authors():
+    # own logits: token 0 has p = 0.4 exactly in float32 once EOT (token 1) is banned; top_p = 0.6.
+    # transformers' TopPLogitsWarper / the authors compare cumsum <= (1 - 0.6) with the Python float, i.e.
+    # float32(0.4): token 0 (cumsum == float32(0.4)) is removed and only token 3 survives. The old
+    # threshold 1 - float32(0.6) = 0.39999998 kept token 0.
+    scores = torch.tensor([[-0.40546528, 0.0, -1e4, 0.0]])
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    banned = MinLengthLogitsProcessor(5, 1)(ids, scores)  # EOT = token 1, prefix shorter than min length
+    assert (banned.softmax(-1)[0, 0] == torch.tensor(0.4)).item()  # the float32 tie
+    kept = torch.isfinite(TopPLogitsProcessor(0.6)(ids, banned))[0].tolist()
+    assert kept == [False, False, False, True]
+    assert torch.isfinite(SamplingSetProcessor([0], [0.6])(ids, banned))[0].tolist() == kept
+    # float64 scores: the threshold is the float64 0.4, the cumsum 0.39999999... < 0.4 -> removed too
+    kept64 = torch.isfinite(TopPLogitsProcessor(0.6)(ids, banned.double()))[0].tolist()
+    assert kept64[3] and not kept64[1]
 
 
 def test_processor_arguments_validated_with_names():

@@ -364,3 +364,31 @@ def test_zip_unpacks_into_a_symlinked_folder_inside_the_data_root(server, tmp_pa
 def test_https_where_the_host_has_it():
     assert dl.SOURCES["coco-train2014"].urls[0].startswith("https://")
     assert all(u.startswith("https://") for u in dl.SOURCES["cutler"].urls)
+
+
+def test_authors_coca_is_downloaded_recorded_and_is_the_paper_default(server, tmp_path):
+    """issue 14 item 10: the authors' CC3M CoCa has a source entry (checksum recorded on first download,
+    the second URL tried when the first 404s) and is the paper profile's captions.pretrained."""
+    from ris_utils.profiles import step_config
+
+    src = dl.SOURCES["coca-cc3m"]
+    assert src.dest == "checkpoints" and not (src.sha256 or src.md5) and "coca-cc3m" in dl.GROUPS["paper"]
+    assert all("huggingface.co/SeonghoonYu/pseudo-ris" in u for u in src.urls)
+    body = _payload(4_000, seed=7)
+    server.files["/logs/epoch_1.pt"] = body
+    local = dataclasses.replace(src, urls=(server.url + "/epoch_1.pt", server.url + "/logs/epoch_1.pt"))
+    r = dl.ensure(local, tmp_path, progress=False)
+    assert r["status"] == "downloaded" and r["recorded"] is True
+    assert (tmp_path / src.provides[0]).read_bytes() == body
+    assert json.loads((tmp_path / dl.LOCK_NAME).read_text())["coca-cc3m"]["sha256"] == hashlib.sha256(body).hexdigest()
+    cfg = step_config("paper", "captions")
+    assert cfg["pretrained"].endswith("data/paper/" + src.provides[0])
+    assert step_config("paper", "data")["need"][-1] == "coca-cc3m"
+
+
+def test_missing_captioner_file_names_the_setting(tmp_path):
+    from ris_utils.train_captioner import load_captioner
+
+    with pytest.raises(FileNotFoundError, match="captions.pretrained .*does not exist.*coca-cc3m"):
+        load_captioner({"tokenizer": "open_clip", "model": "coca_ViT-L-14",
+                        "pretrained": str(tmp_path / "nowhere" / "epoch_1.pt"), "device": "cpu"})

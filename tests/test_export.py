@@ -215,3 +215,68 @@ def test_build_trainsets_filters_and_exports(tmp_path):
     assert len(pseudo.refs) == kept == cards["pseudo_ris"]["counts"]["masks_exported"]
     n_sent = sum(len(m["survivors"]) for r in filtered if r["status"] == "ok" for m in r["masks"])
     assert sum(len(r["sentences"]) for r in pseudo.refs) == n_sent
+
+
+# --------------------------------------------------------------------------- issue 14 / 15: which sentences
+
+
+class _FixedScorer:
+    """A ClipScorer stand-in returning fixed CLIP logits (the filter's rules, not CLIP, are under test)."""
+
+    logit_scale = 100.0
+    doc_dtype = "float64"
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score_image(self, image, masks, cands):
+        return self.scores
+
+
+def test_default_fallback_exports_every_candidate_of_a_no_survivor_mask(tmp_path):
+    # the authors' loader draws over ALL candidates of a mask without DoC > 1 (pseudo_datasets.py l. 655):
+    # with the default filter.fallback every candidate must become a sentence of the mask's ref
+    from ris_utils.filtering import filter_record
+
+    m0, m1 = np.zeros((20, 20), np.uint8), np.zeros((20, 20), np.uint8)
+    m0[2:8, 2:8], m1[10:16, 10:16] = 1, 1
+    texts = ["a red circle", "a blue square", "a big ring", "the star"]
+    rec = {"image_id": 1, "file_name": "a.png", "height": 20, "width": 20, "masks": [
+        {"mask_index": j, "segmentation": refer.encode_mask(m), "bbox": [0, 0, 1, 1],
+         "candidates": [{"text": t, "view": 0, "setting": "beam", "mode": "distinctive"} for t in texts]}
+        for j, m in enumerate((m0, m1))]}
+    ones = np.ones((4, 2), np.float32) * 20
+    scores = [(ones * [[1, 2]], ones)] * 2  # mask 0: DoC 400 / 800 (none kept); mask 1: 800 / 400 (all)
+    body = filter_record(rec, np.zeros((20, 20, 3), np.uint8), _FixedScorer(scores), lambda t: t.split()[-1])
+    assert body["masks"][0]["survivors"] == [0, 1, 2, 3] and body["masks"][0]["fallback"] == "all"
+    d = tmp_path / "f"
+    d.mkdir()
+    (d / "records.jsonl").write_text(json.dumps({**rec, **body, "status": "ok", "error": None}) + "\n")
+    export_dataset(d, tmp_path / "out", images="none")
+    data = refer.load_refer(tmp_path / "out", "refcoco+", "pseudo")
+    sents = {r["mask_index"]: [s["raw"] for s in r["sentences"]] for r in data.refs}
+    assert sents == {0: texts, 1: texts}
+
+
+def test_max_sentences_per_ref_and_order(tmp_path):
+    from ris_utils.export import select_sentences
+
+    cands = [{"doc": 1.5}, {"doc": 3.0}, {"doc": float("inf")}, {"doc": 3.0}]
+    assert select_sentences(cands, [0, 1, 2, 3]) == [0, 1, 2, 3]
+    assert select_sentences(cands, [0, 1, 2, 3], order="doc") == [2, 1, 3, 0]  # stable on ties
+    assert select_sentences(cands, [0, 1, 3], 2, "doc") == [1, 3]
+    assert select_sentences(cands, [0, 1, 3], 1, "generation") == [0]
+    with pytest.raises(ValueError, match="export.order"):
+        select_sentences(cands, [0], order="score")
+    with pytest.raises(ValueError, match="export.max_sentences_per_ref"):
+        select_sentences(cands, [0], 0)
+    with pytest.raises(ValueError, match="captions records"):
+        select_sentences([{"text": "x"}], [0], order="doc")
+    cdir, _ = _filter_records(tmp_path)
+    card = export_dataset(cdir, tmp_path / "top1", images="none", max_sentences_per_ref=1, order="doc")
+    data = refer.load_refer(tmp_path / "top1", "refcoco+", "pseudo")
+    assert card["max_sentences_per_ref"] == 1 and card["order"] == "doc"
+    assert all(len(r["sentences"]) == 1 for r in data.refs)
+    assert card["survivors_per_mask"]["max"] == 2 and card["sentences_per_ref"]["max"] == 1
+    lines = [json.loads(x) for x in (tmp_path / "top1" / "candidates.jsonl").read_text().splitlines()]
+    assert sum(c["survivor"] for c in lines) > sum(c["exported"] for c in lines)

@@ -36,10 +36,11 @@ def test_single_mask_rule_keeps_top_half_by_noun_score():
     doc = degree_of_distinctiveness(noun, cap, target=0)
     assert doc.tolist() == [5.0, 9.0, 7.0, 7.0, 1.0]  # DoC = the noun score
     keep = select_survivors(doc, 1, np.asarray(noun)[:, 0], np.asarray(cap)[:, 0])
-    # ceil(5 / 2) = 3 kept: 9, then the 7 with the higher caption score (index 3), then index 2
-    assert keep.tolist() == [False, True, True, True, False]
-    # full ties: by index
-    assert select_survivors(np.ones(4), 1).tolist() == [True, True, False, False]
+    # 5 // 2 = 2 kept: 9, then ONE of the two 7s -- the one np.argsort(doc)[::-1] puts first (the authors'
+    # order; caption scores do not break ties)
+    assert keep.sum() == 2 and keep[1] and keep[2] != keep[3] and not keep[[0, 4]].any()
+    assert keep[int(np.argsort(doc)[::-1][1])]
+    assert select_survivors(np.ones(4), 1).sum() == 2
     assert select_survivors(np.zeros(0), 1).tolist() == []
 
 
@@ -272,3 +273,92 @@ def test_train_clip_short_run_writes_a_loadable_checkpoint(tmp_path):
     train_clip({"clip": clip}, out=tmp_path / "again.pt", progress=False)
     again = torch.load(tmp_path / "again.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(v, again[k]) for k, v in state.items())
+
+
+# --------------------------------------------------------------------------- the authors' rules (issue 14)
+
+
+def test_fallback_all_exports_every_candidate_of_a_no_survivor_mask():
+    # the authors' loader draws over ALL candidates when none has DoC > 1 (pseudo_datasets.py l. 655)
+    surv, fb, dropped = apply_fallback([False] * 5, "all", np.random.default_rng(0))
+    assert (surv, fb, dropped) == ([0, 1, 2, 3, 4], "all", None)
+    assert apply_fallback([False, True], "all", np.random.default_rng(0)) == ([1], None, None)
+    assert apply_fallback([], "all", np.random.default_rng(0)) == ([], None, "no_candidates")
+
+
+def test_single_mask_keeps_c_floor_half_in_argsort_order():
+    # C = 3: the authors keep 3 // 2 = 1 (the project used to keep ceil(3 / 2) = 2)
+    assert select_survivors(np.array([5.0, 9.0, 7.0]), 1).tolist() == [False, True, False]
+    # C = 1 keeps none: the fallback decides (the authors' random.choice([]) would crash)
+    assert select_survivors(np.array([3.0]), 1).tolist() == [False]
+    # ties follow np.argsort(doc)[::-1]: the LAST of equal values first
+    doc = np.array([7.0, 9.0, 7.0, 7.0, 1.0])
+    expect = np.zeros(5, bool)
+    expect[np.argsort(doc)[::-1][:2]] = True
+    assert select_survivors(doc, 1).tolist() == expect.tolist()
+    assert expect[1] and expect.sum() == 2
+
+
+def test_doc_in_float16_matches_the_authors_fp16_arithmetic():
+    import torch
+
+    noun = np.array([[21.3, 19.7, 20.9], [18.2, 22.1, 17.5]], np.float32)
+    cap = np.array([[25.5, 24.9, 26.1], [23.3, 22.7, 24.0]], np.float32)
+    got = degree_of_distinctiveness(noun, cap, 0, dtype="float16")
+    n, c = torch.tensor(noun).half(), torch.tensor(cap).half()  # their fp16 CLIP logits
+    prod = n * c
+    ref = (prod[:, 0] / prod[:, 1:].max(dim=1).values).double().numpy()
+    assert got.tolist() == ref.tolist()
+    assert not np.allclose(got, degree_of_distinctiveness(noun, cap, 0), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="dtype"):
+        degree_of_distinctiveness(noun, cap, 0, dtype="float32")
+
+
+def test_noun_prompt_drops_its_article_when_the_noun_has_one(tiny_scorer):
+    assert tiny_scorer.prompt_for("dog") == "a photo of a dog"
+    assert tiny_scorer.prompt_for("a red dog on the left") == "a photo of a red dog on the left"
+    assert tiny_scorer.prompt_for("the man") == "a photo of the man"
+    assert tiny_scorer.prompt_for("An apple") == "a photo of a An apple"  # their check is case-sensitive
+    assert tiny_scorer.prompt_for("anchor") == "a photo of a anchor"  # the article rule looks at whole words
+
+
+def test_precision_fp16_is_a_no_op_on_cpu(tiny_scorer):
+    from ris_utils.filtering import ClipScorer
+
+    s = ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, tiny_scorer.size, tiny_scorer.mean, tiny_scorer.std,
+                   precision="fp16")
+    assert s.precision == "fp32" and s.doc_dtype == "float64"
+    assert next(s.model.parameters()).dtype == next(tiny_scorer.model.parameters()).dtype
+    with pytest.raises(ValueError, match="filter.precision"):
+        ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, 32, (0, 0, 0), (1, 1, 1), precision="bf16")
+    with pytest.raises(ValueError, match="filter.box"):
+        ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, 32, (0, 0, 0), (1, 1, 1), box="inclusive")
+
+
+def test_fp16_scoring_path_runs_and_rounds_like_fp16():
+    """The CUDA-only fp16 path (weights converted as clip.load does, logits in fp16), forced on CPU here."""
+    import open_clip
+    import torch
+    from open_clip.model import convert_weights_to_lp
+
+    from ris_utils.crops import model_view_settings
+    from ris_utils.filtering import ClipScorer
+    from ris_utils.models import register_open_clip_configs
+
+    register_open_clip_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("rn50_tiny", pretrained=None)
+    vs = model_view_settings(model)
+    s = ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    cands = [[("a red dog", "dog")], [("a cat", "cat")]]
+    ref = s.score_image(img, masks, cands)
+    s.precision = "fp16"  # what the constructor picks on CUDA
+    convert_weights_to_lp(s.model, torch.float16)
+    half = s.score_image(img, masks, cands)
+    assert s.doc_dtype == "float16"
+    for (rn, rc), (hn, hc) in zip(ref, half):
+        assert np.allclose(rn, hn, rtol=0.05, atol=0.02) and np.allclose(rc, hc, rtol=0.05, atol=0.02)
+        assert np.array_equal(hn, hn.astype(np.float16).astype(np.float32))  # fp16 values

@@ -117,7 +117,8 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path):
     shapes.generate_world(tmp_path / "b", counts, seed=3)
     shapes.generate_world(tmp_path / "c", counts, seed=4)
     ha, hb, hc = tree_hash(tmp_path / "a"), tree_hash(tmp_path / "b"), tree_hash(tmp_path / "c")
-    assert len(ha) == 12 + 1 + 1 + 2 * 3  # images, scenes.json, manifest.json, 3 datasets x 2 files
+    # images, scenes.json, manifest.json, 3 datasets x 2 files, the toolkit view (3 x 2 links)
+    assert len(ha) == 12 + 1 + 1 + 2 * 3 + 2 * 3
     assert ha == hb
     assert set(ha) == set(hc)
     assert all(ha[k] != hc[k] for k in ha if k.startswith("images/"))
@@ -271,7 +272,7 @@ def test_prepare_skips_when_unchanged(tmp_path):
     assert (tmp_path / "w" / "scenes.json").stat().st_mtime_ns == mtime
     skip = ("data.regenerated", "data.seconds")
     assert {k: v for k, v in again.items() if k not in skip} == {k: v for k, v in first.items() if k not in skip}
-    png = next((tmp_path / "w" / "images").glob("*.png"))
+    png = next((tmp_path / "w" / "images" / "train2014").glob("*.png"))
     png.write_bytes(png.read_bytes() + b"x")  # a damaged file -> regenerate
     assert shapes.prepare(cfg)["data.regenerated"] == 1
     assert shapes.prepare({**cfg, "seed": 2})["data.regenerated"] == 1
@@ -302,6 +303,45 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert sum(stats["images"].values()) == 10
     for d in shapes.DATASETS:
         assert refer.refs_path(out, d, "shapes").is_file() and refer.instances_path(out, d).is_file()
-    assert len(list((out / "images").glob("shapes_*.png"))) == 10
+    assert len(list((out / "images" / "train2014").glob("shapes_*.png"))) == 10
     assert shapes.cli(["--out", str(tmp_path / "c2"), "--n-images", "train=3,val=1,testA=1,testB=1"]) == 0
     assert len(shapes.load_scenes(tmp_path / "c2")) == 6
+
+
+# --------------------------------------------------------------------------- the REFER toolkit's view
+
+
+def test_the_refer_toolkit_opens_the_world_unchanged(world):
+    """issue 14 item 9: REFER(data_root, "refcoco" | "refcoco+" | "refcocog", "unc" | "umd") -- the toolkit's own
+    names, which it insists on -- opens shapes / shapes+ / shapes-unseen, and finds every image in
+    <data_root>/images/train2014 (the real refer.py when REFER_TOOLKIT_PY names it, else tests/fixtures'
+    behavioural model of it)."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+    try:
+        from refer_toolkit import load_refer_class
+    finally:
+        sys.path.pop(0)
+    REFER, which = load_refer_class()
+    root, _, scenes = world
+    assert set(shapes.TOOLKIT_VIEW) == {"refcoco", "refcoco+", "refcocog"}
+    for name, (ours, split_by) in shapes.TOOLKIT_VIEW.items():
+        r = REFER(str(root), name, split_by)
+        data = refer.load_refer(root, ours, shapes.SPLIT_BY)
+        assert sorted(r.Refs) == sorted(x["ref_id"] for x in data.refs), which
+        splits = ["train", "val", "testA", "testB"] if name != "refcocog" else ["train", "val", "test"]
+        assert sum(len(r.getRefIds(split=s)) for s in splits) == len(data.refs)
+        for ref_id in r.getRefIds(split="val")[:5]:
+            ref = r.Refs[ref_id]
+            img = r.loadImgs([ref["image_id"]])[0]
+            assert os.path.isfile(os.path.join(r.IMAGE_DIR, img["file_name"]))
+            want = refer.decode_segmentation(data.anns[ref["ann_id"]]["segmentation"], img["height"], img["width"])
+            assert np.array_equal(r.getMask(ref)["mask"], want)
+        # the view is a link to the dataset, not a second copy that could drift
+        assert refer.refs_path(root, name, split_by).read_bytes() == refer.refs_path(root, ours, "shapes").read_bytes()
+    assert Path(REFER(str(root), "refcoco", "unc").IMAGE_DIR) == root / shapes.IMAGE_SUBDIR
+    assert len(list((root / shapes.IMAGE_SUBDIR).glob("*.png"))) == len(scenes)
+    with pytest.raises(SystemExit):  # the toolkit refuses every other name: why the view exists
+        REFER(str(root), "shapes", "shapes")

@@ -107,8 +107,46 @@ def test_spacy_branch_takes_the_first_noun_chunk_root(monkeypatch):
             self.noun_chunks = chunks
 
     monkeypatch.setattr(text, "_load_spacy", lambda model: nlp)
-    ex = text.HeadNounExtractor(backend="auto", spacy_model="stand_in")
+    ex = text.HeadNounExtractor(backend="auto", spacy_model="stand_in", rule="first_chunk")
     assert ex.backend == "spacy"
     assert ex("Man in red shirt") == "man"  # first chunk's root
     assert ex("red shirt") == "shirt"  # no chunk: first NOUN
     assert ex("left") == "left"  # neither: the rules
+
+
+def _parsed(words, heads, chunks):
+    """A stand-in spaCy Doc: ``heads[i]`` = index of token i's head (itself for the root); ``chunks`` =
+    ``[(start, end, root index)]``."""
+    from types import SimpleNamespace
+
+    toks = [SimpleNamespace(i=i, text=w) for i, w in enumerate(words)]
+    for t, h in zip(toks, heads):
+        t.head = toks[h]
+    for t in toks:
+        t.children = [c for c in toks if c.head is t and c is not t]
+
+    class _Doc(list):
+        noun_chunks = [SimpleNamespace(start=a, end=b, root=toks[r]) for a, b, r in chunks]
+
+    return _Doc(toks)
+
+
+def test_authors_spacy_rule(monkeypatch):
+    """The authors' noun_extraction: the chunk of the sentence root, or of its FIRST child, else the whole
+    text (then their prompt drops its own article)."""
+    import ris_utils.text as text
+
+    # "a man riding a horse": root "man" is in chunk "a man"
+    assert text.authors_head_noun(_parsed(["a", "man", "riding", "a", "horse"], [1, 1, 1, 4, 2],
+                                          [(0, 2, 1), (3, 5, 4)]), "a man riding a horse") == "man"
+    # "playing dogs": root "playing" (no chunk), first child "dogs" in a chunk -> dogs
+    assert text.authors_head_noun(_parsed(["Dogs", "playing"], [1, 1], [(0, 1, 0)]), "Dogs playing") == "Dogs"
+    # root outside every chunk and its first child too -> the whole text
+    assert text.authors_head_noun(_parsed(["a", "red", "one", "left"], [2, 2, 3, 3], [(0, 1, 0)]),
+                                  "a red one left") == "a red one left"
+    docs = {"a red one left": _parsed(["a", "red", "one", "left"], [2, 2, 3, 3], [(0, 1, 0)])}
+    monkeypatch.setattr(text, "_load_spacy", lambda model: docs.__getitem__)
+    ex = text.HeadNounExtractor(backend="spacy", spacy_model="stand_in")
+    assert ex.rule == "authors" and ex("a red one left") == "a red one left"
+    with pytest.raises(ValueError, match="head_noun.rule"):
+        text.HeadNounExtractor(backend="rules", rule="last_chunk")

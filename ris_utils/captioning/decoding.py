@@ -90,11 +90,17 @@ class TokenIds:
 # ---------------------------------------------------------------------------------------------- settings
 
 
+#: Group beam search's finished-hypothesis bookkeeping: ``per_group`` (transformers >= 4.31, open_clip 3.3)
+#: or ``shared`` (transformers < 4.31, which the authors' vendored beam search needs).
+BEAM_HYPOTHESES = ("per_group", "shared")
+
+
 @dataclass(frozen=True)
 class DecodeSetting:
     """One decoding setting of the candidate set (from the profile, e.g. ``{"top_k": 5}``).
 
-    ``kind``: ``"beam"`` (``num_beams``, ``num_beam_groups``, ``diversity_penalty``, ``length_penalty``),
+    ``kind``: ``"beam"`` (``num_beams``, ``num_beam_groups``, ``diversity_penalty``, ``length_penalty``,
+    ``hypotheses``: ``"per_group"`` | ``"shared"``, see :func:`beam_search`),
     ``"sample"`` (``top_k`` > 0 or ``top_p`` in (0, 1)), or ``"greedy"``. ``name`` is what the candidate
     records carry (``"beam"``, ``"top_k=5"``, ``"top_p=0.4"``, ``"greedy"`` by default).
     """
@@ -107,6 +113,7 @@ class DecodeSetting:
     num_beam_groups: int = 3
     diversity_penalty: float = 0.0
     length_penalty: float = 1.0
+    hypotheses: str = "per_group"
 
     @classmethod
     def parse(cls, spec) -> DecodeSetting:
@@ -127,7 +134,7 @@ class DecodeSetting:
         if not isinstance(spec, dict):
             raise ValueError(f"decoding setting must be a dict or a string, got {spec!r}")
         known = {"kind", "name", "top_k", "top_p", "num_beams", "num_beam_groups", "diversity_penalty",
-                 "length_penalty"}
+                 "length_penalty", "hypotheses"}
         extra = set(spec) - known
         if extra:
             raise ValueError(f"decoding setting {spec!r}: unknown keys {sorted(extra)} (known: {sorted(known)})")
@@ -157,6 +164,8 @@ class DecodeSetting:
             if nb < 2 or ng < 1 or nb % ng or nb // ng < 1:
                 raise ValueError(f"decoding setting {spec!r}: num_beams ({nb}) must be >= 2 and divisible by "
                                  f"num_beam_groups ({ng})")
+            if kw.get("hypotheses", "per_group") not in BEAM_HYPOTHESES:
+                raise ValueError(f"decoding setting {spec!r}: hypotheses must be one of {BEAM_HYPOTHESES}")
         return cls(kind=kind, name=str(spec.get("name", default)), **kw)
 
 
@@ -587,6 +596,7 @@ def beam_search(
     min_seq_len: int = 5,
     diversity_penalty: float = 0.0,
     length_penalty: float = 1.0,
+    hypotheses: str = "per_group",
 ) -> list[list[int]]:
     """Group (diverse) beam search as open_clip's ``CoCa.generate(generation_type="beam_search")``.
 
@@ -598,11 +608,23 @@ def beam_search(
     penalty (``diversity_penalty=0``); a positive value applies transformers' Hamming diversity
     (tokens chosen by earlier groups at this step are penalised).
 
+    ``hypotheses`` selects the ``BeamSearchScorer`` semantics: ``"per_group"`` (transformers >= 4.31, since
+    PR #24407; what open_clip 3.3 + transformers 4.55 run): each beam group keeps its own ``num_beams /
+    num_beam_groups`` finished hypotheses and its own "done" flag, and a hypothesis' length counts its eot.
+    ``"shared"`` (transformers < 4.31, the only versions the authors' vendored ``_generate_beamsearch``,
+    ``coca_model.py`` l. 430-577 at de5d124, runs on): ONE heap of ``num_beams`` finished hypotheses and ONE
+    done flag per caption, shared by all groups (once set by a group, the later groups of that step and of
+    every later step are padded), and lengths without the eot (``hyp.shape[-1]``; the done test uses the
+    current prefix length).
+
     Arguments:
         image_embs: (B, n_tokens, W) image tokens of B crops.
     Returns:
         B token lists ``[sot, ..., eot]`` (eot missing when the hypothesis reached ``seq_len``).
     """
+    if hypotheses not in BEAM_HYPOTHESES:
+        raise ValueError(f"beam hypotheses must be one of {BEAM_HYPOTHESES}, got {hypotheses!r}")
+    shared = hypotheses == "shared"
     if num_beams < 2 or num_beam_groups < 1 or num_beams % num_beam_groups:
         raise ValueError(f"num_beams ({num_beams}) must be >= 2 and divisible by num_beam_groups "
                          f"({num_beam_groups})")
@@ -625,7 +647,11 @@ def beam_search(
     beam_scores = torch.full((b_, nb), -1e9, dtype=torch.float, device=dev)
     beam_scores[:, ::gs] = 0
     beam_scores = beam_scores.view(-1)
-    hyps = [[_Hypotheses(gs, length_penalty) for _ in range(ng)] for _ in range(b_)]
+    if shared:  # one heap of num_beams per caption, the same object for every group
+        hyps = [[h] * ng for h in (_Hypotheses(nb, length_penalty) for _ in range(b_))]
+    else:
+        hyps = [[_Hypotheses(gs, length_penalty) for _ in range(ng)] for _ in range(b_)]
+    add_len = 0 if shared else 1  # legacy lengths: the hypothesis without its eot
     done = [[False] * ng for _ in range(b_)]
     group_rows = [torch.tensor([b * nb + k for b in range(b_) for k in range(g * gs, (g + 1) * gs)], device=dev)
                   for g in range(ng)]
@@ -663,14 +689,16 @@ def beam_search(
                     if tb[rank] == eot:
                         if rank >= gs:
                             continue
-                        hyps[b][g].add(gids[src].clone(), sb[rank], cur + 1)
+                        hyps[b][g].add(gids[src].clone(), sb[rank], cur + add_len)
                     else:
                         j = b * gs + k
                         nbs[j], nbt[j], nbi[j] = sb[rank], tb[rank], src
                         k += 1
                     if k == gs:
                         break
-                done[b][g] = done[b][g] or hyps[b][g].is_done(max(sb), cur + 1)
+                done[b][g] = done[b][g] or hyps[b][g].is_done(max(sb), cur + add_len)
+                if shared and done[b][g]:  # one flag per caption
+                    done[b] = [True] * ng
             nbi = torch.tensor(nbi, dtype=torch.long, device=dev)
             beam_scores[rows] = torch.tensor(nbs, dtype=beam_scores.dtype, device=dev)
             input_ids[rows] = gids[nbi]
@@ -690,7 +718,7 @@ def beam_search(
             for k in range(gs):
                 row = b * nb + g * gs + k
                 hyps[b][g].add(input_ids[row], beam_scores[row].item(), input_ids.shape[1])
-        cands = [beam for g in range(ng) for beam in hyps[b][g].beams]
+        cands = hyps[b][0].beams if shared else [beam for g in range(ng) for beam in hyps[b][g].beams]
         best = sorted(cands, key=lambda x: x[0]).pop()[1].tolist()
         if len(best) < seq_len:
             best.append(ids.eot)
@@ -783,12 +811,12 @@ def generate_candidates(
             embs_hash = hashlib.blake2b(crops.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
                                         .tobytes(), digest_size=16).hexdigest()
         memo_key = (embs_hash, tuple(crops.shape), str(crops.dtype), s.num_beams, s.num_beam_groups,
-                    s.diversity_penalty, s.length_penalty, seq_len, min_seq_len, ids)
+                    s.diversity_penalty, s.length_penalty, s.hypotheses, seq_len, min_seq_len, ids)
         seqs = decoder.beam_memo.get(memo_key)
         if seqs is None:
             seqs = beam_search(decoder, ids, crops, num_beams=s.num_beams, num_beam_groups=s.num_beam_groups,
                                seq_len=seq_len, min_seq_len=min_seq_len, diversity_penalty=s.diversity_penalty,
-                               length_penalty=s.length_penalty)
+                               length_penalty=s.length_penalty, hypotheses=s.hypotheses)
             if len(decoder.beam_memo) >= decoder.beam_memo_max:
                 decoder.beam_memo.clear()
             decoder.beam_memo[memo_key] = [list(q) for q in seqs]

@@ -132,8 +132,13 @@ class TopKLogitsProcessor(LogitsProcessor):
 class TopPLogitsProcessor(LogitsProcessor):
     """Nucleus filtering: keep the smallest high-probability set with cumulative probability >= top_p.
 
-    As transformers' ``TopPLogitsWarper``: sort ascending, remove tokens whose cumulative probability is
-    ``<= 1 - top_p``; the ``min_tokens_to_keep`` most probable tokens always survive.
+    As transformers' ``TopPLogitsWarper`` (and the authors' ``DependentTotalLogitsWarper``,
+    ``coca_model.py`` l. 1344-1351 at de5d124): sort ascending, remove tokens whose cumulative probability is
+    ``<= 1 - top_p``; the ``min_tokens_to_keep`` most probable tokens always survive. The threshold is
+    computed as they compute it: ``1 - top_p`` in Python (float64), then compared with the scores' dtype
+    (PyTorch casts a Python scalar to the tensor's dtype): for ``top_p = 0.6`` that is ``float32(0.4)``
+    = 0.40000001, not ``1 - float32(0.6)`` = 0.39999998, so a cumulative probability of exactly
+    ``float32(0.4)`` is removed, as there.
 
     Arguments:
         top_p: float in (0, 1], or one per row; 1.0 = no filtering for that row.
@@ -152,10 +157,12 @@ class TopPLogitsProcessor(LogitsProcessor):
     def removed(self, scores: torch.Tensor) -> torch.Tensor:
         """Bool (B, V): True where a token falls outside the row's nucleus."""
         b, _ = scores.shape
-        ps = torch.tensor(_expand(self.top_p, b, "top_p"), dtype=scores.dtype, device=scores.device)
+        pl = _expand(self.top_p, b, "top_p")
+        ps = torch.tensor(pl, dtype=torch.float64, device=scores.device)
+        thr = torch.tensor([1 - p for p in pl], dtype=torch.float64).to(scores.dtype).to(scores.device)
         sorted_logits, sorted_idx = torch.sort(scores, descending=False, dim=-1)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        sorted_remove = cum <= (1 - ps).unsqueeze(1)
+        sorted_remove = cum <= thr.unsqueeze(1)
         sorted_remove[:, -self.min_tokens_to_keep:] = False
         sorted_remove[ps >= 1.0] = False
         return sorted_remove.scatter(1, sorted_idx, sorted_remove)

@@ -76,17 +76,21 @@ def step_settings(cfg: dict, mode: str) -> dict:
             "tokenizer": cfg.get("tokenizer"), "views": [str(v) for v in view_kinds(cfg)],
             "fill": cfg.get("fill", 0), "settings": decode_settings(cfg), "seq_len": int(cfg.get("seq_len", 30)),
             "min_seq_len": int(cfg.get("min_seq_len", 5)), "temperature": float(cfg.get("temperature", 1.0)),
-            "n_range": [int(n_range[0]), int(n_range[1])], "seed": int(cfg.get("seed", 0))}
+            "n_range": [int(n_range[0]), int(n_range[1])], "seed": int(cfg.get("seed", 0)),
+            "box": cfg.get("box", "exclusive"), "precision": cfg.get("precision", "fp32")}
 
 
 # ------------------------------------------------------------------------------------------ items
 
 
 def image_path(rec: dict, cfg: dict) -> str:
-    """The image file of a record: its ``path``, else ``<images or data_root/images>/<file_name>``."""
+    """The image file of a record: its ``path``, else ``<images or the data root's image folder>/<file_name>``
+    (:func:`ris_utils.data.refer.image_dir`: ``images/train2014`` in the REFER toolkit's layout)."""
     if rec.get("path"):
         return rec["path"]
-    root = Path(cfg.get("images") or Path(cfg.get("data_root", ".")) / "images")
+    from ris_utils.data.refer import image_dir
+
+    root = Path(cfg.get("images") or image_dir(cfg.get("data_root", ".")))
     return str(root / rec["file_name"])
 
 
@@ -134,7 +138,7 @@ def items_from_gt(cfg: dict, split: str, max_images: int | None = None) -> list[
             continue
         masks = shapes.object_masks(sc)
         items.append({"image_id": image_id, "file_name": sc.file_name,
-                      "path": str(Path(cfg["data_root"]) / "images" / sc.file_name),
+                      "path": str(shapes.image_path(cfg["data_root"], sc.file_name)),
                       "height": sc.height, "width": sc.width,
                       "masks": [{"mask_index": o.obj_id, "segmentation": refer.encode_mask(masks[o.obj_id]),
                                  "bbox": refer.mask_bbox_xywh(masks[o.obj_id])} for o in sc.objects]})
@@ -170,9 +174,10 @@ def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> 
     live = [k for k, mask in enumerate(decoded) if mask.any()]
     if live:
         st = step_settings(cfg, mode)
-        views = captioner.views(image, [decoded[k] for k in live], view_kinds(cfg), fill=cfg.get("fill", 0))
+        views = captioner.views(image, [decoded[k] for k in live], view_kinds(cfg), fill=cfg.get("fill", 0),
+                                box=cfg.get("box", "exclusive"))
         dev = next(captioner.model.parameters()).device
-        with torch.no_grad():
+        with torch.no_grad(), precision_context(cfg.get("precision", "fp32"), dev):
             cands = generate_candidates(
                 captioner.model, captioner.tokenizer, views.to(dev), st["settings"],
                 distinctive=mode == "distinctive", seed=st["seed"], image_key=item["image_id"],
@@ -183,6 +188,24 @@ def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> 
             entries[k]["candidates"] = [{"text": c["text"], "view": int(c["view"]), "setting": c["setting"],
                                          "mode": c["mode"]} for c in cs]
     return {"height": int(h), "width": int(w), "masks": entries}
+
+
+PRECISIONS = ("autocast_fp16", "fp32")
+
+
+def precision_context(precision: str, device):
+    """The decoding precision (``captions.precision``): ``"autocast_fp16"`` = the authors' ``with
+    torch.no_grad(), torch.cuda.amp.autocast():`` around generation (``distinctive_caption_generation.py``
+    l. 223 / 234 at de5d124), i.e. ``torch.autocast("cuda", torch.float16)``, on CUDA only: on any other
+    device it is a no-op (fp32), as ``torch.cuda.amp.autocast`` is for CPU tensors. ``"fp32"``: no autocast.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"captions.precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "autocast_fp16" and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

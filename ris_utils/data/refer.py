@@ -39,6 +39,7 @@ __all__ = [
     "ReferData",
     "decode_segmentation",
     "encode_mask",
+    "image_dir",
     "load_refer",
     "make_annotation",
     "make_ref",
@@ -193,6 +194,16 @@ def _validate(where_refs: str, where_inst: str, refs, images, annotations, categ
 
 
 # --------------------------------------------------------------------------- write
+
+
+def image_dir(data_root: str | os.PathLike) -> Path:
+    """The image folder of a REFER data root: the first of :data:`IMAGE_DIRS` that exists under it, else
+    ``<data_root>/images/train2014`` (where the REFER toolkit reads RefCOCO-family images)."""
+    root = Path(data_root)
+    for d in IMAGE_DIRS:
+        if (root / d).is_dir():
+            return root / d
+    return root / "images/train2014"
 
 
 def refs_path(root: str | os.PathLike, dataset: str, split_by: str) -> Path:

@@ -24,13 +24,26 @@ in their image).
 Datasets (REFER format, ``split_by = "shapes"``, all on the same images, like RefCOCO / RefCOCO+ share
 COCO images)::
 
-    <root>/images/shapes_000001.png ...        the images (ids unique over all splits)
+    <root>/images/train2014/shapes_000001.png  the images (ids unique over all splits), where the REFER
+                                               toolkit looks for RefCOCO-family images
     <root>/scenes.json                         the symbolic scenes (attributes, geometry, ann ids)
     <root>/manifest.json                       settings + checksum (prepare() skips regeneration)
     <root>/shapes/refs(shapes).p               RefCOCO-like: location words allowed
     <root>/shapes+/refs(shapes).p              RefCOCO+-like: no location words
     <root>/shapes-unseen/refs(shapes).p        the unseen-domain variant (below)
     <root>/<dataset>/instances.json            every object of every image (RLE masks), per dataset
+
+The REFER toolkit's view (:data:`TOOLKIT_VIEW`): the toolkit (``refer.py``) opens only the dataset names
+refcoco / refcoco+ / refcocog / refclef, so the same three datasets are also reachable under those names,
+as relative symlinks to the files above (copies where the file system has no symlinks)::
+
+    <root>/refcoco/refs(unc).p  + instances.json   = shapes         (splits train / val / testA / testB)
+    <root>/refcoco+/refs(unc).p + instances.json   = shapes+        (splits train / val / testA / testB)
+    <root>/refcocog/refs(umd).p + instances.json   = shapes-unseen  (splits train / val / test)
+
+so ``REFER(<root>, "refcoco", "unc")``, LAVT's and CRIS's / ETRIS's ``tools/data_process.py --dataset
+refcoco --split unc`` (and refcoco+ / unc, refcocog / umd: the same split names as RefCOCO's) read the
+world unchanged, images from ``<root>/images/train2014``.
 
 Splits: ``train``, ``val``, ``testA``, ``testB`` (disjoint image sets). Mirroring RefCOCO, where testA
 images hold refs to people and testB images refs to other objects, **testA** images hold refs only to
@@ -81,9 +94,13 @@ from . import refer
 
 logger = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: images under images/train2014 + the REFER toolkit view
 DATASETS = ("shapes", "shapes+", "shapes-unseen")
 SPLIT_BY = "shapes"
+#: where the images are, relative to the data root (the REFER toolkit's image folder for RefCOCO-family names)
+IMAGE_SUBDIR = "images/train2014"
+#: the REFER toolkit's names of the three datasets: ``{toolkit dataset: (our dataset, toolkit split_by)}``
+TOOLKIT_VIEW = {"refcoco": ("shapes", "unc"), "refcoco+": ("shapes+", "unc"), "refcocog": ("shapes-unseen", "umd")}
 SPLITS = ("train", "val", "testA", "testB")
 #: fractions used when one total image count is given (CLI ``--n-images N``)
 SPLIT_FRACTIONS = {"train": 0.64, "val": 0.16, "testA": 0.10, "testB": 0.10}
@@ -179,7 +196,7 @@ class ShapeObject:
 
 @dataclass
 class Scene:
-    """A symbolic scene: the image's id, file name (under ``<root>/images``), size, split and objects."""
+    """A symbolic scene: the image's id, file name (under ``<root>/images/train2014``), size, split and objects."""
 
     image_id: int
     file_name: str
@@ -636,24 +653,61 @@ def _ref_split(split: str, dataset: str) -> str:
     return "test" if dataset == "shapes-unseen" and split in ("testA", "testB") else split
 
 
-_OWNED = ("images", "scenes.json", "manifest.json", *DATASETS)
+_OWNED = ("images", "scenes.json", "manifest.json", *DATASETS, *TOOLKIT_VIEW)
+
+
+def image_path(data_root, file_name: str) -> Path:
+    """``<data_root>/images/train2014/<file_name>``: where the world keeps an image."""
+    return Path(data_root) / IMAGE_SUBDIR / file_name
+
+
+def _ours(p: Path) -> bool:
+    return p.name.startswith("shapes_") and p.suffix == ".png"
 
 
 def _clear(out_dir: Path) -> None:
-    """Remove what a previous generation wrote (only the paths this module owns)."""
+    """Remove what a previous generation wrote (only the paths this module owns; also the flat
+    ``images/shapes_*.png`` layout of world version 1)."""
     imgs = out_dir / "images"
     if imgs.is_dir():
-        foreign = [p.name for p in imgs.iterdir() if not (p.name.startswith("shapes_") and p.suffix == ".png")]
+        foreign = [str(p.relative_to(imgs)) for p in imgs.rglob("*")
+                   if not (p.is_dir() and p.relative_to(imgs) == Path("train2014")) and not _ours(p)]
         if foreign:
             raise FileExistsError(f"{imgs} holds files the shapes world did not write ({foreign[:3]} ...); "
                                   f"choose another data_root / --out")
         shutil.rmtree(imgs)
     for name in _OWNED[1:]:
         p = out_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_symlink() or p.is_file():
             p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+
+
+def _link_or_copy(target: Path, link: Path) -> None:
+    """A relative symlink ``link -> target`` (a copy where symlinks are not available)."""
+    try:
+        link.symlink_to(Path("..") / target.parent.name / target.name)
+    except OSError:
+        shutil.copyfile(target, link)
+
+
+def write_toolkit_view(out_dir) -> dict:
+    """Write the REFER toolkit's view of the three datasets (module docstring, :data:`TOOLKIT_VIEW`).
+
+    Returns ``{toolkit dataset: (our dataset, toolkit split_by)}``."""
+    out_dir = Path(out_dir)
+    for name, (ours, split_by) in TOOLKIT_VIEW.items():
+        d = out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        for target, link in ((refer.refs_path(out_dir, ours, SPLIT_BY), refer.refs_path(out_dir, name, split_by)),
+                             (refer.instances_path(out_dir, ours), refer.instances_path(out_dir, name))):
+            if not target.is_file():
+                raise FileNotFoundError(f"{target} not found: generate the world before its toolkit view")
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            _link_or_copy(target, link)
+    return dict(TOOLKIT_VIEW)
 
 
 def _code_hash() -> str:
@@ -695,7 +749,7 @@ def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
-    (out_dir / "images").mkdir()
+    (out_dir / IMAGE_SUBDIR).mkdir(parents=True)
     from PIL import Image
 
     scenes: list[Scene] = []
@@ -705,7 +759,7 @@ def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128)
         for i in range(counts[split]):
             rng = np.random.default_rng([seed, si, i])
             scene, img, masks = make_scene(rng, image_id, split, image_size, ann_id)
-            Image.fromarray(img).save(out_dir / "images" / scene.file_name, format="PNG", compress_level=1)
+            Image.fromarray(img).save(image_path(out_dir, scene.file_name), format="PNG", compress_level=1)
             scenes.append(scene)
             masks_by_image[image_id] = masks
             image_id += 1
@@ -735,6 +789,7 @@ def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128)
                 refs.append(refer.make_ref(ref_id, ann, _ref_split(s.split, dataset), sentences, fname))
                 ref_id += 1
         refer.write_refer(out_dir, dataset, SPLIT_BY, refs, images, annotations, categories)
+    write_toolkit_view(out_dir)
     (out_dir / "scenes.json").write_text(json.dumps(
         {"world": "shapes", "version": WORLD_VERSION, "image_size": image_size,
          "scenes": [s.to_json() for s in scenes]}, sort_keys=True))
