@@ -74,7 +74,7 @@ def load_profile(profile: str | os.PathLike, _chain: tuple = ()) -> dict:
 
     A profile may start with ``extends: <profile>``: it is then the named profile (same folder) with this
     file's settings merged over it section by section (:func:`deep_merge`: nested mappings merge, lists and
-    values replace, ``null`` keeps the base value) -- e.g. ``shapes-long`` = ``shapes`` with a longer RIS grid.
+    values replace, ``null`` keeps the base value) -- e.g. a variant of ``shapes`` with a longer RIS grid.
     """
     path = profile_path(profile)
     if path.resolve() in _chain:

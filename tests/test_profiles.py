@@ -42,15 +42,6 @@ def test_extends_merges_the_base_profile_section_by_section(tmp_path, monkeypatc
         profiles.load_profile("orphan")
 
 
-def test_shapes_long_is_shapes_with_a_longer_grid():
-    short, long = profiles.step_config("shapes", "ris"), profiles.step_config("shapes-long", "ris")
-    assert long["epochs"] > short["epochs"] and len(long["experiments"]["seeds"]) >= 3
-    assert long["work_dir"] == short["work_dir"]  # steps 1-3 shared
-    assert long["experiments"]["runs_dir"] != short["experiments"].get("runs_dir", "ris")
-    same = {k for k in short if k not in ("epochs", "experiments", "note", "profile")}
-    assert {k: short[k] for k in same} == {k: long[k] for k in same}
-
-
 def test_parse_params():
     assert profiles.parse_params(["a.b=1", "c=x", "d=[1, 2]"]) == {"a": {"b": 1}, "c": "x", "d": [1, 2]}
     with pytest.raises(ValueError, match="key=value"):

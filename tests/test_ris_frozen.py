@@ -122,3 +122,27 @@ def test_c5_stride_16_doubles_the_c5_grid():
     assert c4.shape[-1] == 4 and c5.shape[-1] == 4  # stride 16, not 32
     with pytest.raises(ValueError, match="c5_stride"):
         set_c5_stride(m.backbone.visual, 8)
+
+
+def test_clip_prior_and_per_image_neck_give_the_same_logits_as_per_sentence():
+    torch.manual_seed(0)
+    m = build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, c5_stride=16,
+                    clip_prior="value", prior_feature=True, proj_upsample=2).freeze("both").eval()
+    img, tok = torch.randn(3, 3, 64, 64), _tokens(5, seed=2)
+    feats = m.encode_image(img)
+    assert len(feats) == 5  # + MaskCLIP's dense values for the prior
+    index = torch.tensor([0, 0, 1, 2, 2])
+    with torch.no_grad():
+        per_sentence = m(img[index], tok)
+        per_image = m(None, tok, feats=feats, image_index=index)
+    assert per_sentence.shape == (5, 1, 8, 8)  # stride 8: the projector upsamples x2
+    assert torch.allclose(per_image, per_sentence, atol=1e-5)
+    # the prior is the pretrained CLIP's cosine score, scaled: its sign follows the cosine
+    d, s = feats[4][:1], m.encode_text(tok[:1])[1]
+    cos = torch.nn.functional.cosine_similarity(d, s[:, :, None, None], dim=1)
+    assert torch.allclose(m.prior_logits(d, s)[:, 0], 10 * cos - 4, atol=1e-5)
+    m.train()
+    with pytest.raises(ValueError, match="evaluation"):
+        m(None, tok, feats=feats, image_index=index)
+    groups = {g["name"]: g for g in m.param_groups(1e-3, 0.1, 0.01)}
+    assert groups["clip_prior"]["lr"] == pytest.approx(2e-2) and groups["clip_prior"]["weight_decay"] == 0

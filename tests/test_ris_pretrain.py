@@ -70,7 +70,7 @@ def test_a_short_pretraining_run_writes_a_loadable_checkpoint_and_card(tmp_path)
     assert (tmp_path / "dense.json").is_file() and card["c5_stride"] == 16
     from ris_utils.ris.model import build_model
 
-    m = build_model("cris_clip_dense", pretrained=str(tmp_path / "dense.pt"))
+    m = build_model("cris_clip_dense", word_len=16, eot_token_id=3, pretrained=str(tmp_path / "dense.pt"))
     sd = torch.load(tmp_path / "dense.pt", weights_only=True)["state_dict"]
     assert torch.equal(m.backbone.visual.conv1.weight, sd["visual.conv1.weight"].float())
     c3, c4, c5 = m.backbone.encode_image(torch.randn(1, 3, cfg["input_size"], cfg["input_size"]))
