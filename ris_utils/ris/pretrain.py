@@ -302,7 +302,16 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
                if k.startswith("pick_acc_")}
     return {"dense": round(hits_d / max(n, 1), 4), "crop": round(hits_c / max(n, 1), 4), **by_attr,
             "chance": round(float(np.mean(chance)) if chance else 0.0, 4), "n": n,
-            "eval": {k: str(v) for k, v in ev.items()}}
+            "eval": {k: _relative(v) for k, v in ev.items()}}
+
+
+def _relative(v) -> str:
+    """A setting as text, a path under the project root relative to it (cards are committed)."""
+    from ris_utils.profiles import project_root
+
+    s = str(v)
+    root = str(project_root()) + "/"
+    return s[len(root):] if s.startswith(root) else s
 
 
 def cli(argv: list[str] | None = None) -> int:
