@@ -61,6 +61,8 @@ def _tree(root: Path) -> dict:
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
+        if p.name.endswith(".lock"):  # the run's folder locks (they name the holder's pid), not outputs
+            continue
         if p.is_symlink():
             out[rel] = ("link", os.readlink(p))
         elif p.is_file():
@@ -260,11 +262,12 @@ def test_cris_category_index_matches_the_coco_compaction():
     assert coco_cat_index(12) == 12 and coco_cat_index(0) == 0 and coco_cat_index(95) == 95
 
 
-def test_hf_dataset_loads_with_load_dataset(run):
+def test_hf_dataset_loads_with_load_dataset(run, tmp_path):
     from datasets import load_dataset
 
     out = run["ref"]
-    ds = load_dataset(str(out / "hf"))["train"]
+    # a cache of its own: datasets keys a local folder's cache by its path, and pytest reuses tmp paths
+    ds = load_dataset(str(out / "hf"), cache_dir=str(tmp_path / "hf_cache"))["train"]
     data = refer.load_refer(out / "refer", "refcoco+", "pseudo")
     assert len(ds) == len(data.refs)
     for row, ref in zip(ds, data.refs):
