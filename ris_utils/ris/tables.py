@@ -125,3 +125,30 @@ def seed_spread_check(summary, a: str = "pseudo_ris", b: str = "naive", style: s
     spread = max(sa, sb)
     return {"a": a, "b": b, "mean_a": ma, "mean_b": mb, "diff": ma - mb, "spread": spread,
             "holds": bool(ma - mb > spread) if not (np.isnan(ma) or np.isnan(mb)) else False}
+
+
+#: the paper's claims as (name, a, b, margin in seed spreads): "a above b in mIoU by more than margin x spread"
+CLAIMS = (
+    ("pseudo_ris_above_naive", "pseudo_ris", "naive", 2.0),        # the ablation's end points (issue: > 2x std)
+    ("distinctive_above_naive", "distinctive", "naive", 0.0),      # naive < distinctive
+    ("pseudo_ris_above_distinctive", "pseudo_ris", "distinctive", 0.0),   # distinctive < Pseudo-RIS
+    ("semi_above_gt10", "gt10+pseudo", "gt10", 0.0),               # semi-supervised: + pseudo helps 10 % GT
+    ("semi_above_pseudo_ris", "gt10+pseudo", "pseudo_ris", 0.0),   # ... and beats pseudo supervision alone
+    ("gt_above_pseudo_ris", "gt", "pseudo_ris", 0.0),              # full supervision stays above
+    ("pseudo_ris_above_gt", "pseudo_ris", "gt", 0.0),              # unseen domain: pseudo above human refs
+)
+
+
+def claims(summary, styles_splits: list[tuple[str, str]]) -> list[dict]:
+    """Every claim of :data:`CLAIMS` on every (style, split): ``{claim, style, split, a, b, mean_a, mean_b, diff,
+    spread, margin, holds}``; ``holds`` = diff > margin x spread (spread = the larger seed std of the two rows;
+    a margin of 0 = simply above). Cells that were not measured give ``holds = None``."""
+    out = []
+    for name, a, b, margin in CLAIMS:
+        for style, split in styles_splits:
+            r = seed_spread_check(summary, a, b, style, split)
+            measured = not (np.isnan(r["mean_a"]) or np.isnan(r["mean_b"]))
+            spread = 0.0 if np.isnan(r["spread"]) else r["spread"]
+            out.append({"claim": name, "style": style, "split": split, **r, "spread": spread, "margin": margin,
+                        "holds": bool(r["diff"] > margin * spread) if measured else None})
+    return out
