@@ -58,16 +58,23 @@ class CoordConv(nn.Module):
 # --------------------------------------------------------------------------- backbone
 
 
+def _pool_positions(pool: nn.Module, h: int, w: int) -> torch.Tensor:
+    """The attention pool's spatial positional embedding as (1, C, h, w), resized bicubically when its grid differs."""
+    c = pool.positional_embedding.shape[1]
+    side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
+    pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+    if (side, side) != (h, w):
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    return pos
+
+
 def attnpool_dense(pool: nn.Module, x: torch.Tensor, training: bool = False) -> torch.Tensor:
     """CLIP's ``AttentionPool2d`` run at EVERY position of (B, C, H, W) -> (B, embed_dim, H, W) (CRIS).
 
     Each position is a query over all positions (keys/values), with the pool's positional embedding
     resized bicubically when the grid differs from the one it was trained for."""
     b, c, h, w = x.shape
-    side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
-    pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
-    if (side, side) != (h, w):
-        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    pos = _pool_positions(pool, h, w)
     x = (x + pos.to(x.dtype)).flatten(2).permute(2, 0, 1)  # (HW, B, C)
     x, _ = F.multi_head_attention_forward(
         query=x, key=x, value=x, embed_dim_to_check=c, num_heads=pool.num_heads,
@@ -84,10 +91,7 @@ def attnpool_values(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     only to itself -- ``c_proj(v_proj(x + pos))`` at each position -> (B, embed_dim, H, W). Local by construction
     (each output sees its own layer4 feature), where :func:`attnpool_dense` mixes all positions."""
     b, c, h, w = x.shape
-    side = int(round(math.sqrt(pool.positional_embedding.shape[0] - 1)))
-    pos = pool.positional_embedding[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
-    if (side, side) != (h, w):
-        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    pos = _pool_positions(pool, h, w)
     v = F.linear((x + pos.to(x.dtype)).flatten(2).transpose(1, 2), pool.v_proj.weight, pool.v_proj.bias)
     out = F.linear(v, pool.c_proj.weight, pool.c_proj.bias)  # (B, HW, E)
     return out.transpose(1, 2).reshape(b, -1, h, w)
