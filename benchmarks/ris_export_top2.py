@@ -3,12 +3,14 @@ pseudo_captions[:2]) against all survivors (the default), 3 seeds, after `make r
 
     .venv/bin/python benchmarks/ris_export_top2.py      # writes <work_dir>/export/pseudo_ris_top2, runs in ris-top2
 """
-import json, logging
+import logging
 from pathlib import Path
-from ris_utils.profiles import step_config
+
 from ris_utils.export import export_dataset
 from ris_utils.filtering import images_dir_of
+from ris_utils.profiles import step_config
 from ris_utils.ris import experiments
+
 logging.basicConfig(level=logging.WARNING)
 fcfg = step_config("shapes", "filter"); ecfg = step_config("shapes", "export"); rcfg = step_config("shapes", "ris")
 work = Path(ecfg["work_dir"])
