@@ -73,8 +73,9 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
         ds.refs = ds.refs[:int(max_refs)]
         ds.pairs = [p for p in ds.pairs if p[0] < len(ds.refs)]
     convention = convention or cfg.get("convention", "lavt")
-    if stores is None:
-        stores = feature_stores(model, cfg, dev)
+    if stores is None:  # frozen towers: features once per image, in memory (the training run's disk cache
+        # folder may be another machine's path: a caller that wants it passes ``stores``)
+        stores = feature_stores(model, {**cfg, "feature_cache": overrides.get("feature_cache")}, dev)
     scores = evaluate_model(model, ds, cfg, dev, convention=convention, keep_predictions=keep_predictions,
                             stores=stores)
     scores.update({"checkpoint": str(checkpoint), "data": str(refer.data_root), "dataset": refer.dataset,
