@@ -61,11 +61,12 @@ def test_cached_features_give_the_same_logits(tmp_path):
     feats = store.batch(keys, img)
     assert store.misses == 5 and store.hits == 0  # img1 encoded once
     got = m(None, tok, feats=feats, text=tstore.batch(tok))
-    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # float noise only (features are computed one image at a time; BatchNorm's batch statistics amplify it)
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
     # a second store (another run) reads the disk copy: no image is encoded again
     store2 = ImageFeatureStore(m, 64, folder=tmp_path / "f")
     with torch.no_grad():
-        assert torch.allclose(m(None, tok, feats=store2.batch(keys, img * 0)), ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(m(None, tok, feats=store2.batch(keys, img * 0)), got, atol=1e-6, rtol=1e-6)
     assert store2.misses == 0
     # other weights -> another folder (never stale features)
     other = _tiny("both", c5_stride=16)
@@ -146,3 +147,12 @@ def test_clip_prior_and_per_image_neck_give_the_same_logits_as_per_sentence():
         m(None, tok, feats=feats, image_index=index)
     groups = {g["name"]: g for g in m.param_groups(1e-3, 0.1, 0.01)}
     assert groups["clip_prior"]["lr"] == pytest.approx(2e-2) and groups["clip_prior"]["weight_decay"] == 0
+
+
+def test_a_cached_feature_does_not_depend_on_its_batch(tmp_path):
+    m = _tiny("both", c5_stride=16)
+    img = torch.randn(4, 3, 64, 64)
+    together = ImageFeatureStore(m, 64).batch(["a", "b", "c", "d"], img)
+    alone = ImageFeatureStore(m, 64).batch(["c"], img[2:3])
+    for t, a in zip(together, alone):
+        assert torch.equal(t[2], a[0])  # bit for bit: which images shared the batch (or the run) does not matter

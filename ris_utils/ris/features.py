@@ -97,14 +97,13 @@ class ImageFeatureStore:
                 todo[k] = [i]
         if todo:
             self.misses += len(todo)
-            first = [ix[0] for ix in todo.values()]
-            x = torch.stack([images[i] if images is not None else load(i) for i in first]).to(self.device)
             was = self.model.training
             self.model.eval()
-            out = self.model.encode_image(x)
-            self.model.train(was)
-            for n, (k, ix) in enumerate(todo.items()):
-                feats = tuple(f[n].detach().cpu().clone() for f in out)
+            for k, ix in todo.items():
+                # one image at a time: a feature must not depend on which images shared its batch (float
+                # noise), nor on which run of a grid computed it first -- same seed, same bytes
+                x = (images[ix[0]] if images is not None else load(ix[0]))[None].to(self.device)
+                feats = tuple(f[0].detach().cpu().clone() for f in self.model.encode_image(x))
                 for i in ix:
                     rows[i] = feats
                 self._remember(k, feats)
@@ -113,6 +112,7 @@ class ImageFeatureStore:
                     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
                     torch.save(list(feats), tmp)
                     os.replace(tmp, path)
+            self.model.train(was)
         return tuple(torch.stack([r[j] for r in rows]).to(self.device) for j in range(len(rows[0])))
 
 
