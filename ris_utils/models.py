@@ -77,3 +77,14 @@ class quiet_random_init:
     def __exit__(self, *exc):
         logging.getLogger().removeFilter(self._filter)
         return False
+
+
+def warmup_cosine(opt, steps: int, warmup: int):
+    """``LambdaLR``: linear warmup over ``warmup`` steps times a cosine from 1 to 0 over ``steps`` (the schedule
+    of the shapes CLIPs: :mod:`ris_utils.train_clip`, :mod:`ris_utils.ris.pretrain`)."""
+    import math
+
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

@@ -137,7 +137,7 @@ def _train(cfg, ccfg, name, tr, out, progress):
     from ris_utils.captioning.tokenizer import shapes_tokenizer
     from ris_utils.crops import model_view_settings
     from ris_utils.data import shapes
-    from ris_utils.models import seed_everything
+    from ris_utils.models import seed_everything, warmup_cosine
 
     seed_everything(int(tr["seed"]))
     model = open_clip.create_model(name, pretrained=None, device="cpu")
@@ -157,8 +157,7 @@ def _train(cfg, ccfg, name, tr, out, progress):
     prompt = ccfg.get("noun_prompt", cfg.get("noun_prompt", "a photo of a {noun}"))
     opt = torch.optim.AdamW(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
     steps, bs, warm = int(tr["steps"]), int(tr["batch_size"]), int(tr["warmup"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = warmup_cosine(opt, steps, warm)
     model.train()
     t1 = time.perf_counter()
     losses = []

@@ -3,11 +3,12 @@ frozen features give the same logits (and training) as the uncached forward; the
 
 import pytest
 import torch
+from test_ris_train import _cfg as _train_cfg
 
 from ris_utils.ris.dataset import RisEvalSet, open_refer
 from ris_utils.ris.features import ImageFeatureStore, TextFeatureStore, tower_digest
 from ris_utils.ris.model import CRIS, build_model, set_c5_stride
-from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
+from ris_utils.ris.toy import make_toy_refer
 from ris_utils.ris.train import build_tokenizer, evaluate_model, make_model, resolve_config, train
 
 
@@ -80,11 +81,7 @@ def test_cached_features_give_the_same_logits(tmp_path):
 
 
 def _cfg(**kw):
-    cfg = dict(tokenizer=toy_tokenizer_spec(8), word_len=8, input_size=32, epochs=2, batch_size=4, lr=2e-3,
-               weight_decay=0.01, schedule={"name": "cosine", "warmup_steps": 2}, threads=1, seed=0,
-               device="cpu", grad_clip=1.0)
-    cfg.update(kw)
-    return cfg
+    return _train_cfg(**{"epochs": 2, **kw})  # the toy settings of test_ris_train, 2 epochs
 
 
 def test_frozen_training_with_and_without_cache_is_identical(tmp_path):

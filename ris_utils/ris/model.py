@@ -514,7 +514,7 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
     """An open_clip CLIP; for random-init models the input size, vocabulary and context length may be set."""
     import open_clip
 
-    from ris_utils.models import register_open_clip_configs
+    from ris_utils.models import quiet_random_init, register_open_clip_configs
 
     register_open_clip_configs()
     cfg = open_clip.get_model_config(name)
@@ -532,19 +532,8 @@ def _clip(name: str, pretrained: str | None, image_size: int | None = None, voca
         if context_length:
             text_cfg["context_length"] = int(context_length)
         kwargs = {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
-    with quiet_root_logger():  # open_clip warns on the root logger that a random init is random
+    with quiet_random_init():  # open_clip warns on the root logger that a random init is random
         return open_clip.create_model(name, pretrained=pretrained, device="cpu", **kwargs)
-
-
-class quiet_root_logger:
-    """Silence the root logger inside the block (open_clip warns there that a random init is random)."""
-
-    def __enter__(self):
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        logging.getLogger().setLevel(self.level)
 
 
 def _clip_from_file(name: str, path: str):
@@ -552,7 +541,7 @@ def _clip_from_file(name: str, path: str):
     state dict; fp16 weights are loaded as fp32), e.g. the shapes CLIP ``ris_utils/assets/clip_shapes.pt``."""
     import open_clip
 
-    from ris_utils.models import register_open_clip_configs
+    from ris_utils.models import quiet_random_init, register_open_clip_configs
     from ris_utils.profiles import project_root
 
     register_open_clip_configs()
@@ -561,7 +550,7 @@ def _clip_from_file(name: str, path: str):
         p = project_root() / p
     if not p.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} not found (ris.pretrained)")
-    with quiet_root_logger():
+    with quiet_random_init():  # the weights are loaded just below
         model = open_clip.create_model(name, pretrained=None, device="cpu")
     state = torch.load(p, map_location="cpu", weights_only=True)
     sd = {k: v.float() for k, v in state.get("state_dict", state).items()}

@@ -137,11 +137,11 @@ def build_clip(name: str, c5_stride: int):
     """A random-init open_clip CLIP ``name`` (our configs) with its C5 at ``c5_stride``."""
     import open_clip
 
-    from ris_utils.models import register_open_clip_configs
-    from ris_utils.ris.model import quiet_root_logger, set_c5_stride
+    from ris_utils.models import quiet_random_init, register_open_clip_configs
+    from ris_utils.ris.model import set_c5_stride
 
     register_open_clip_configs()
-    with quiet_root_logger():
+    with quiet_random_init():
         model = open_clip.create_model(name, pretrained=None, device="cpu")
     set_c5_stride(model.visual, int(c5_stride))
     return model
@@ -161,7 +161,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
 
     from ris_utils.captioning.tokenizer import shapes_tokenizer
     from ris_utils.filtering import torch_threads
-    from ris_utils.models import seed_everything
+    from ris_utils.models import seed_everything, warmup_cosine
     from ris_utils.ris.dataset import CLIP_MEAN, CLIP_STD
     from ris_utils.ris.model import dense_map
 
@@ -183,8 +183,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=float(cfg["lr"]))
         steps, bs, warm = int(cfg["steps"]), int(cfg["batch_size"]), int(cfg["warmup"])
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(warm, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        sched = warmup_cosine(opt, steps, warm)
         rng = np.random.default_rng(int(cfg["seed"]))
         model.train()
         t1, losses = time.perf_counter(), []
