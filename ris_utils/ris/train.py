@@ -467,6 +467,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
         (out / "config.json").write_text(json.dumps(resolved, indent=1, default=str))
 
     # ---- epochs
+    every = int(cfg.get("val_every") or 0)  # the pick-vs-step curve
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         sampler.set_epoch(epoch)
@@ -499,7 +500,6 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             steps_log.append([step, epoch, round(lval, 6), base_lrs[-1] * f])
             step += 1
             bar.set_postfix(loss=f"{lval:.4f}")
-            every = int(cfg.get("val_every") or 0)
             if master and val_set is not None and every and (step % every == 0 or step == total_steps):
                 sc = evaluate_model(raw, val_set, cfg, device, stores=stores)
                 curve.append({"step": step, "pick_acc": sc["pick_acc"], "mIoU": sc["mIoU"]})
