@@ -153,3 +153,39 @@ def test_a_cached_feature_does_not_depend_on_its_batch(tmp_path):
     alone = ImageFeatureStore(m, 64).batch(["c"], img[2:3])
     for t, a in zip(together, alone):
         assert torch.equal(t[2], a[0])  # bit for bit: which images shared the batch (or the run) does not matter
+
+
+def test_train_steps_and_the_pick_vs_step_curve(tmp_path):
+    import json
+
+    toy = make_toy_refer(tmp_path / "toy", n_images=12, height=40, width=56)
+    res = train(_cfg(train_steps=5, val_every=2, epochs=1), toy, tmp_path / "run", val_path=toy, progress=False)
+    assert res["history"][-1]["step"] == 5  # 5 optimizer steps, whatever the epochs setting
+    curve = json.loads((tmp_path / "run" / "curve.json").read_text())
+    assert [c["step"] for c in curve] == [2, 4, 5] and all(0 <= c["pick_acc"] <= 1 for c in curve)
+
+
+def test_pick_accuracy_by_the_attribute_an_expression_names():
+    from ris_utils.ris.diagnostics import named_attributes, pick_by_attribute
+
+    assert named_attributes("the left red circle") == {"location", "color", "shape"}
+    assert named_attributes("the second big striped star from the top") == {"location", "size", "pattern", "shape"}
+    out = pick_by_attribute([("the red circle", True), ("the left circle", False), ("the big red square", False)])
+    assert out["pick_acc_color"] == 0.5 and out["pick_n_color"] == 2
+    assert out["pick_acc_location"] == 0.0 and out["pick_acc_shape"] == pytest.approx(1 / 3)
+    assert "pick_acc_pattern" not in out
+
+
+def test_the_claims_table_says_held_or_not():
+    import pandas as pd
+
+    from ris_utils.ris.tables import claims
+
+    summary = pd.DataFrame([
+        {"trainset": "naive", "style": "s", "split": "val", "mIoU": 30.0, "mIoU_std": 0.5},
+        {"trainset": "pseudo_ris", "style": "s", "split": "val", "mIoU": 30.8, "mIoU_std": 0.3},
+        {"trainset": "distinctive", "style": "s", "split": "val", "mIoU": 30.5, "mIoU_std": 0.2}])
+    rows = {r["claim"]: r for r in claims(summary, [("s", "val")])}
+    assert rows["pseudo_ris_above_naive"]["holds"] is False  # +0.8 is not > 2 x 0.5
+    assert rows["distinctive_above_naive"]["holds"] is True and rows["pseudo_ris_above_distinctive"]["holds"] is True
+    assert rows["gt_above_pseudo_ris"]["holds"] is None  # not measured
