@@ -59,12 +59,12 @@ def _docs_by_mask(export_dir: Path) -> dict:
 def hf_rows(export_dir, out_dir) -> list[dict]:
     """The rows of the HF dataset of an export (see the module docstring)."""
     from ris_utils.data import refer as refer_io
-    from ris_utils.export import IMAGE_SUBDIR
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     card = json.loads((export_dir / "dataset_card.json").read_text())
     data = refer_io.load_refer(export_dir, card["dataset"], card["split_by"])
     docs = _docs_by_mask(export_dir)
+    images = refer_io.image_dir(export_dir)  # the export's images/train2014 (the REFER toolkit's folder)
     rows = []
     for ref in data.refs:
         img = data.imgs[ref["image_id"]]
@@ -73,7 +73,7 @@ def hf_rows(export_dir, out_dir) -> list[dict]:
         counts = seg["counts"].decode() if isinstance(seg["counts"], bytes) else seg["counts"]
         texts = [s["sent"] for s in ref["sentences"]]
         by_text = docs.get((str(img.get("original_id", ref["image_id"])), ref.get("mask_index")), {})
-        image_path = os.path.relpath(export_dir / IMAGE_SUBDIR / img["file_name"], out_dir)
+        image_path = os.path.relpath(images / img["file_name"], out_dir)
         rows.append({"ref_id": int(ref["ref_id"]), "image_id": int(ref["image_id"]), "file_name": img["file_name"],
                      "image": Path(image_path).as_posix(), "height": int(img["height"]), "width": int(img["width"]),
                      "mask_rle": {"size": [int(v) for v in seg["size"]], "counts": counts},
