@@ -6,7 +6,7 @@ step functions as notebooks 01-03 and the step commands:
 
 1. masks -- :func:`ris_utils.masks.run_masks` (SAM + selector, or the shapes world's segmenter);
 2. captions -- :func:`ris_utils.captioning.step.run_caption_jobs`, distinctive caption sampling;
-3. filter -- :func:`ris_utils.filtering.filter_jobs`, DoC > 1;
+3. filter -- :func:`ris_utils.pipeline.filter_jobs`, DoC > 1;
 
 then the REFER export (:func:`ris_utils.export.export_dataset`), the other formats
 (:func:`ris_utils.formats.write_formats`), the report (:func:`ris_utils.report.write_report`) and a summary::
@@ -122,9 +122,8 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     Returns:
       the summary (also written to ``<out>/summary.json``); on a rank > 0 of torchrun, that rank's part only.
     """
-    from ris_utils import engine, export
+    from ris_utils import engine, export, layout, pipeline
     from ris_utils.captioning.step import run_caption_jobs
-    from ris_utils.filtering import filter_jobs, step_dirs
     from ris_utils.formats import parse_formats, write_formats
     from ris_utils.masks import make_step_fn, run_masks
 
@@ -144,21 +143,21 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     seconds = {}
 
     t = time.perf_counter()
-    mdir = work / "masks" / SPLIT
+    mdir = layout.masks_dir(work, SPLIT)
     msum = run_masks(cfgs["masks"], items, mdir, fn=make_step_fn(cfgs["masks"]), progress=progress)
     seconds["masks"] = time.perf_counter() - t
 
     t = time.perf_counter()
     ccfg, fcfg = cfgs["captions"], cfgs["filter"]
-    cdir, fdir = step_dirs(work, MODE, SPLIT, int(ccfg.get("seed", 0)), int(ccfg.get("seed", 0)))
+    cdir, fdir = layout.step_dirs(work, MODE, SPLIT, int(ccfg["seed"]), int(ccfg["seed"]))
     # a finished step (merged records) is checked and skipped in this process: no worker start-up on a rerun
     [csum] = run_caption_jobs(ccfg, [{"split": SPLIT, "mode": MODE}], progress=progress,
-                              workers=1 if _finished(cdir) else ccfg.get("workers", 1))
+                              workers=1 if _finished(cdir) else ccfg["workers"])
     seconds["captions"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    [fdir] = filter_jobs(fcfg, ccfg, [{"mode": MODE, "split": SPLIT}],
-                         1 if _finished(fdir) else fcfg.get("workers", 1), progress=progress)
+    [fdir] = pipeline.filter_jobs(fcfg, ccfg, [{"mode": MODE, "split": SPLIT}],
+                                  1 if _finished(fdir) else fcfg["workers"], progress=progress)
     seconds["filter"] = time.perf_counter() - t
     if rank != 0:
         return {"rank": rank, "world_size": world, "merged": False}
@@ -173,10 +172,9 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     # the export's sentence-selection settings the installed export_dataset knows (e.g. max_sentences_per_ref)
     known = inspect.signature(export.export_dataset).parameters
     extra = {k: ecfg[k] for k in ("max_sentences_per_ref", "order") if k in known and ecfg.get(k) is not None}
-    card = export.export_dataset(fdir, refer_dir, dataset=ecfg.get("dataset", export.DEFAULT_DATASET),
-                                 split_by=ecfg.get("split_by", export.DEFAULT_SPLIT_BY),
-                                 images=image_mode or ecfg.get("image_mode", "link"), images_dir=ecfg["images"],
-                                 dedupe=bool(ecfg.get("dedupe", False)), name=out_dir.name, **extra)
+    card = export.export_dataset(fdir, refer_dir, dataset=ecfg["dataset"], split_by=ecfg["split_by"],
+                                 images=image_mode or ecfg["image_mode"], images_dir=ecfg["images"],
+                                 dedupe=bool(ecfg["dedupe"]), name=out_dir.name, **extra)
     written = write_formats(refer_dir, [f for f in fmts if f != "refer"], out_root=out_dir, progress=progress)
     seconds["export"] = time.perf_counter() - t
 

@@ -238,6 +238,7 @@ class ClipTrain:                    # python -m ris_utils.train_clip (the shapes
     weight_decay: float = 0.05
     warmup: int = 20
     seed: int = 0
+    fill: object = 0                # fill of the masked training view
     world_seed: int = 2000
     n_images: int = 400
     val_images: int = 60

@@ -111,4 +111,4 @@ def test_the_captioner_defaults_are_the_profile_values():
     defaults = {f.name: f.default for f in dataclasses.fields(settings.CaptionerTrain)}
     assert defaults == shapes  # one value (the profile's): 1400 steps, batch 64
     clip = profiles.load_profile("shapes")["filter"]["clip"]["train"]
-    assert {f.name: f.default for f in dataclasses.fields(settings.ClipTrain)} == clip
+    assert {f.name: f.default for f in dataclasses.fields(settings.ClipTrain) if f.name != "fill"} == clip
