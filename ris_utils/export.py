@@ -50,13 +50,15 @@ import numpy as np
 from ris_utils import engine, layout, settings
 from ris_utils.data import refer
 from ris_utils.fileio import StagedDir
+from ris_utils.formats import parse_formats, write_formats
 from ris_utils.layout import IMAGE_SUBDIR
+from ris_utils.profiles import parse_params, save_config, step_config
 from ris_utils.text import rule_head_noun
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATASET = "refcoco+"
-DEFAULT_SPLIT_BY = "pseudo"
+DEFAULT_DATASET = settings.Export.dataset     # <out>/refcoco+/refs(pseudo).p (module docstring)
+DEFAULT_SPLIT_BY = settings.Export.split_by
 IMAGE_MODES = ("link", "copy", "none")
 #: what marks a folder as an export (or mix): only such a folder (or an empty / new one) is replaced by a re-export
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
@@ -415,11 +417,14 @@ def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> 
                 else "captions (notebook 02_distinctive_captions.ipynb or `python -m ris_utils captions`)"
             raise FileNotFoundError(f"export.trainsets.{name}: {src / engine.RECORDS} not found: run the {step} "
                                     f"first, or ris_utils.pipeline.build_trainsets")
-    return {name: export_dataset(src, layout.export_dir(cfg, name), dataset=cfg["dataset"], split_by=cfg["split_by"],
-                                 unfiltered=not filtered, images_dir=images_dir, images=cfg["image_mode"],
-                                 dedupe=bool(cfg["dedupe"]), name=name,
-                                 max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
-            for name, (src, filtered) in sources.items()}
+    cards = {}
+    for name, (src, filtered) in sources.items():
+        out = layout.export_dir(cfg, name)
+        cards[name] = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
+                                     images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
+                                     name=name, max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
+        save_config(cfg, out)  # the resolved settings beside the export
+    return cards
 
 
 # --------------------------------------------------------------------------- semi-supervised mix
@@ -502,7 +507,6 @@ def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: floa
 
 def cli_export(argv: list[str] | None = None) -> int:
     """``python -m ris_utils export --candidates DIR --out DIR [--dataset NAME --split-by NAME]``."""
-    from ris_utils.profiles import parse_params, step_config
 
     ap = argparse.ArgumentParser(prog="python -m ris_utils export", description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", required=True, help="filter (or captions, with --unfiltered) output folder")
@@ -517,23 +521,21 @@ def cli_export(argv: list[str] | None = None) -> int:
                     help="comma-separated: refer,cris,hf (cris -> <out>/cris, hf -> <out>/hf; ris_utils.formats)")
     ap.add_argument("--param", action="append", default=[])
     args = ap.parse_args(argv)
-    from ris_utils.formats import parse_formats, write_formats
-
     try:
         formats = parse_formats(args.format)
     except ValueError as e:
         ap.error(str(e))
-    if not (Path(args.candidates) / "records.jsonl").is_file():
-        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
     cfg = step_config(args.profile, "export", **parse_params(args.param))
-    images_dir = args.images or cfg.get("images") or (refer.image_dir(cfg["data_root"]) if cfg.get("data_root")
-                                                      else None)
-    card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg.get("dataset", DEFAULT_DATASET),
-                          split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
-                          images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
-                          dedupe=bool(cfg.get("dedupe", False)),
-                          max_sentences_per_ref=None if args.unfiltered else cfg.get("max_sentences_per_ref"),
-                          order="generation" if args.unfiltered else cfg.get("order", "generation"))
+    if not layout.is_done(args.candidates):
+        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first: notebook "
+                 f"03_distinctiveness_filtering.ipynb or `python -m ris_utils filter`)")
+    images_dir = args.images or (layout.images_of(cfg) if cfg["images"] or cfg["data_root"] else None)
+    card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg["dataset"],
+                          split_by=args.split_by or cfg["split_by"], unfiltered=args.unfiltered,
+                          images_dir=images_dir, images=args.image_mode or cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
+                          max_sentences_per_ref=None if args.unfiltered else cfg["max_sentences_per_ref"],
+                          order="generation" if args.unfiltered else cfg["order"])
+    save_config(cfg, args.out)  # the resolved settings beside the export
     print(json.dumps(card["counts"], indent=2))
     for fmt, info in write_formats(args.out, [f for f in formats if f != "refer"]).items():
         print(f"{fmt}: {info['dir']}")
@@ -546,7 +548,6 @@ def cli_mix(argv: list[str] | None = None) -> int:
     Defaults of ``--human-dataset`` / ``--human-split-by`` / ``--fraction`` / ``--seed`` come from the profile's
     ``export.mix`` section (shapes: ``shapes+`` / ``shapes``; paper: ``refcoco+`` / ``unc``).
     """
-    from ris_utils.profiles import step_config
 
     ap = argparse.ArgumentParser(prog="python -m ris_utils mix", description="semi-supervised mix (human + pseudo)")
     ap.add_argument("--pseudo", required=True, help="an export folder (holds dataset_card.json)")
@@ -562,19 +563,19 @@ def cli_mix(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mode", default="link", choices=IMAGE_MODES)
     args = ap.parse_args(argv)
     cfg = step_config(args.profile, "export")
-    mcfg = dict(cfg.get("mix") or {})
+    mcfg = settings.group(settings.Mix, cfg.get("mix"), "export.mix")
     fraction = args.fraction if args.fraction is not None else mcfg.get("fraction")
     if fraction is None or not 0.0 <= float(fraction) <= 1.0:
         ap.error(f"--fraction must be in [0, 1] (or set export.mix.fraction), got {fraction}")
-    seed = args.seed if args.seed is not None else int(mcfg.get("seed", 0))
+    seed = args.seed if args.seed is not None else int(mcfg["seed"])
     card_p = Path(args.pseudo) / "dataset_card.json"
     if not card_p.is_file():
         ap.error(f"--pseudo {args.pseudo}: no dataset_card.json there (run `python -m ris_utils export` first)")
     pseudo = load_export(args.pseudo)
-    human = refer.load_refer(args.human, args.human_dataset or mcfg.get("human_dataset", "refcoco+"),
-                             args.human_split_by or mcfg.get("human_split_by", "unc"))
-    card = mix_datasets(pseudo, human, float(fraction), seed, args.out,
-                        args.dataset or cfg.get("dataset", DEFAULT_DATASET), args.split_by, args.image_mode)
+    human = refer.load_refer(args.human, args.human_dataset or mcfg["human_dataset"],
+                             args.human_split_by or mcfg["human_split_by"])
+    card = mix_datasets(pseudo, human, float(fraction), seed, args.out, args.dataset or cfg["dataset"], args.split_by,
+                        args.image_mode)
     print(json.dumps(card["counts"], indent=2))
     return 0
 

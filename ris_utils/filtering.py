@@ -76,7 +76,7 @@ from ris_utils.clip_scorer import (  # noqa: F401 - the scorer's names, importab
 from ris_utils.data.refer import decode_segmentation
 from ris_utils.images import load_image_rgb
 from ris_utils.models import torch_threads
-from ris_utils.profiles import parse_params, project_root, step_config
+from ris_utils.profiles import parse_params, project_root, save_config, step_config
 from ris_utils.text import HeadNounExtractor
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ def run_filter_jobs(cfg: dict, dirs: list[tuple[Path, Path]], workers: int | Non
     engine.run_shard_workers(_filter_shard, (cfg, pairs, progress), n, "filter")
     for _, fdir in dirs:
         engine.merge(fdir, step="filter")
+        save_config(cfg, fdir)
     return [Path(f) for _, f in dirs]
 
 
@@ -367,8 +368,11 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
                                     "head_noun", "precision", "box")}
     conf["candidates"] = str(candidates_dir)
     with torch_threads(cfg["threads"]):
-        return engine.run("filter", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
-                          progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+        summary = engine.run("filter", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
+                             progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+    if merge_output and engine.dist_info()[0] == 0:
+        save_config(cfg, out_dir)  # the resolved settings beside the records
+    return summary
 
 
 # --------------------------------------------------------------------------- analysis (notebook 03)

@@ -16,7 +16,8 @@ module is where a later step runs an earlier one on demand:
 - :func:`require` -- what a notebook calls first: ``pipeline.require(cfg, "captions")`` raises
   :class:`MissingInput` ("... run notebooks/02_distinctive_captions.ipynb (or `python -m ris_utils captions
   --profile shapes`) first") when the step's output is not there;
-- :func:`save_config` -- the resolved config beside a step's output (``config.yaml``).
+- :func:`save_config` -- the resolved config beside a step's output (``config.yaml``);
+- :data:`COMMANDS` / :func:`run_command` -- ``python -m ris_utils <command>`` (``ris_utils.__main__``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from ris_utils import engine, layout, settings
+from ris_utils.profiles import project_root, save_config  # noqa: F401 - save_config: the pipeline's API too
 
-from ris_utils import engine, export, filtering, layout, settings, train_captioner
-from ris_utils.captioning import step as captions_step
-from ris_utils.profiles import project_root
+# The step modules (torch, open_clip, segment-anything behind them) are imported where a function runs a step,
+# so that `python -m ris_utils --help` and `pipeline.require` in a notebook's first cell stay instant.
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def require(cfg: dict, step: str, splits=None, modes=None) -> list[Path]:
     if step not in STEP:
         raise ValueError(f"pipeline.require: unknown step {step!r} (steps: {', '.join(STEP)})")
     splits = list(splits or cfg.get("splits") or ["train"])
-    modes = list(modes or cfg.get("modes") or list(captions_step.MODES))
+    modes = list(modes or cfg.get("modes") or ["naive", "distinctive"])
     folders = _outputs(cfg, step, splits, modes)
     if step == "export":
         missing = [d for d in folders if not (d / "dataset_card.json").is_file()]
@@ -102,20 +103,14 @@ def require(cfg: dict, step: str, splits=None, modes=None) -> list[Path]:
     return folders
 
 
-def save_config(cfg: dict, out_dir) -> Path:
-    """Write the resolved config ``cfg`` to ``<out_dir>/config.yaml`` (the settings beside the output)."""
-    out = Path(out_dir) / layout.CONFIG_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump({k: v for k, v in cfg.items()}, sort_keys=True, default_flow_style=None))
-    return out
-
-
 # --------------------------------------------------------------------------------------------- step 2 -> 3
 
 
 def ensure_captions(captions_cfg: dict, cdir, mode: str, split: str, seed: int, captioner=None,
                     progress: bool = True) -> Path:
     """Run the captions step into ``cdir`` (with ``seed``) unless its ``records.jsonl`` exists."""
+    from ris_utils.captioning import step as captions_step
+
     cdir = Path(cdir)
     if not layout.is_done(cdir):
         logger.info("pipeline: no captions under %s, running the captions step (seed %d)", cdir, seed)
@@ -126,6 +121,8 @@ def ensure_captions(captions_cfg: dict, cdir, mode: str, split: str, seed: int, 
 
 def _train_clip_if_missing(cfg: dict) -> None:
     """The profile's own shapes CLIP, trained once here when missing (``filter.clip.train_if_missing``)."""
+    from ris_utils import filtering
+
     ccfg = cfg.get("clip") or {}
     ckpt = ccfg.get("checkpoint")
     if ckpt and ccfg.get("train_if_missing"):
@@ -147,6 +144,9 @@ def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | 
     Returns:
       the filter folder of each job, in the order of ``jobs``.
     """
+    from ris_utils import filtering, train_captioner
+    from ris_utils.captioning import step as captions_step
+
     cfg = settings.complete("filter", cfg)
     jobs = filtering.check_filter_jobs(jobs)
     n = engine.check_workers(workers, "filter.workers")
@@ -194,6 +194,8 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
     ``filter.workers``); the unfiltered sets' captions are written when ``captions_cfg`` is given; then
     :func:`ris_utils.export.write_trainsets`. Returns ``{name: dataset card}``.
     """
+    from ris_utils import export, filtering
+
     export_cfg = settings.complete("export", export_cfg)
     filter_cfg = settings.complete("filter", filter_cfg)
     sets = export_cfg.get("trainsets") or {}
@@ -208,3 +210,31 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
                 ensure_captions(captions_cfg, src, sets[name]["mode"], split, int(captions_cfg.get("seed") or 0),
                                 progress=progress)
     return export.write_trainsets(export_cfg, filtering.images_dir_of(filter_cfg), split)
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+#: ``python -m ris_utils <command>`` -> (module, one-line help); the module's ``cli_<command>`` or ``cli`` runs it.
+COMMANDS = {
+    "shapes": ("ris_utils.data.shapes", "generate the shapes world (REFER format)"),
+    "masks": ("ris_utils.masks", "step 1: mask proposals for a folder or list of images"),
+    "captions": ("ris_utils.captioning.step", "step 2: naive / distinctive caption candidates"),
+    "filter": ("ris_utils.filtering", "step 3: distinctiveness (DoC) filtering of candidates"),
+    "export": ("ris_utils.export", "write filtered candidates as a REFER-format dataset"),
+    "mix": ("ris_utils.export", "semi-supervised mix of human and pseudo refs"),
+    "pretrain": ("ris_utils.ris.pretrain", "pretrain the shapes world's dense CLIP for the RIS model"),
+    "train": ("ris_utils.ris.train", "train the CRIS-style RIS model on a REFER-format dataset"),
+    "evaluate": ("ris_utils.ris.evaluate", "evaluate a RIS checkpoint (mIoU, oIoU, Pr@X)"),
+    "generate": ("ris_utils.generate", "masks -> captions -> filter -> export (+ report, formats) on a folder"),
+    "download": ("ris_utils.download", "download datasets and checkpoints for the paper profile"),
+}
+
+
+def run_command(cmd: str, argv: list[str]) -> int:
+    """Run ``python -m ris_utils <cmd> <argv>``: the command's step module, imported now."""
+    import importlib
+
+    module = importlib.import_module(COMMANDS[cmd][0])
+    fn = getattr(module, f"cli_{cmd}", None) or module.cli
+    return int(fn(argv) or 0)

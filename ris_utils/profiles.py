@@ -202,3 +202,14 @@ def output_dir(profile: str | os.PathLike) -> Path:
     """``papermill_runs/output/<profile>``."""
     name = load_profile(profile)["name"]
     return profiles_dir() / "output" / name
+
+
+def save_config(cfg: dict, out_dir) -> Path:
+    """Write the resolved config ``cfg`` to ``<out_dir>/config.yaml`` (the settings beside a step's output)."""
+    from ris_utils.fileio import atomic_write
+    from ris_utils.layout import CONFIG_FILE
+
+    out = Path(out_dir) / CONFIG_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, yaml.safe_dump(dict(cfg), sort_keys=True, default_flow_style=None))
+    return out

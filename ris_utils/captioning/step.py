@@ -255,6 +255,8 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
         summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder),
                              out_dir, seed=st["seed"], desc=f"captions {mode} {split}", config=st,
                              progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+    if merge_output and engine.dist_info()[0] == 0:
+        profiles.save_config(cfg, out_dir)  # the resolved settings beside the records
     summary = dict(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out_dir"] = str(out_dir)
@@ -343,6 +345,7 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     for k, job in enumerate(jobs):
         out_dir = _job_out_dir(cfg, job)
         summary = dict(engine.merge(out_dir, step="captions"))
+        profiles.save_config(_job_cfg(cfg, job), out_dir)
         per_rank = [shards[r][k]["seconds"] for r in range(n)]
         summary.update(seconds=max(per_rank), seconds_by_rank=per_rank, out_dir=str(out_dir), workers=n)
         out.append(summary)
