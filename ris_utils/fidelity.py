@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ris_utils import layout
+from ris_utils import layout, settings
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
     from ris_utils.images import load_image_rgb
     from ris_utils.train_captioner import load_captioner
 
-    beam = dict(ccfg.get("beam") or {"num_beams": 6, "num_beam_groups": 3})
-    nb, ng = int(beam.get("num_beams", 6)), int(beam.get("num_beam_groups", 3))
+    beam = settings.group(settings.Beam, ccfg.get("beam"), "captions.beam")
+    nb, ng = int(beam["num_beams"]), int(beam["num_beam_groups"])
     seq_len, min_seq_len = int(ccfg["seq_len"]), int(ccfg["min_seq_len"])
     cap = load_captioner(ccfg)
     dec = CocaDecoder(cap.model)

@@ -90,10 +90,23 @@ NONPOSITIVE = ("clamp", "shift")
 
 def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonpositive: str = "clamp",
                               logit_scale: float = 100.0, dtype: str = "float64") -> np.ndarray:
-    """DoC of C candidates of mask ``target`` among K masks (paper, step 3).
+    """Degree of distinctiveness of the C candidates of mask ``target`` among the K masks of an image.
 
-    ``DoC(c) = product_t(c) / max_{k != t} product_k(c)`` with ``product_k = noun_k * caption_k``; for
-    ``K == 1`` the single-mask rule ``DoC(c) = noun_t(c)``. Non-positive scores: see the module docstring
+    The equation (Pseudo-RIS, Yu, Seo, Son, ECCV 2024, arXiv 2407.07412: the method's third step,
+    "distinctiveness-based text filtering"; summarised in shared/paper.md, "Step 3")::
+
+        S_noun(c, k) = CLIP(masked crop of mask k, "a photo of a {head noun of c}")
+        S_cap(c, k)  = CLIP(crop of mask k's box enlarged x1.2, c)
+        P(c, k)      = S_noun(c, k) * S_cap(c, k)
+
+                      P(c, t)
+        DoC(c) = -----------------          c survives iff DoC(c) > 1
+                 max_{k != t} P(c, k)
+
+    i.e. a caption is distinctive when it matches its own mask better than any other mask of the image (scores
+    are CLIP logits, 100 x cosine for OpenAI weights). For ``K == 1`` the single-mask rule of the authors' code
+    (``my_utils/pseudo_datasets.py`` l. 658-660): ``DoC(c) = S_noun(c, t)`` (:func:`select_survivors` keeps the
+    top ``C // 2``). Non-positive scores: see the module docstring
     (``nonpositive="clamp"``: ``max(s, 0)``, ``0 / x = 0``, ``0 / 0 = 0``, ``x / 0 = inf``;
     ``"shift"``: ``s + logit_scale``).
 

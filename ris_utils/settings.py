@@ -174,9 +174,9 @@ class Masks:
 
 
 @dataclass
-class Beam:                         # the beam candidate of each view (ris_utils.captioning)
-    num_beams: int | None = None            # [authors] 6 (open_clip generate default)
-    num_beam_groups: int | None = None      # [authors] 3
+class Beam:                         # the beam candidate of each view (only when the profile gives captions.beam)
+    num_beams: int = 6                      # [authors] open_clip generate's default
+    num_beam_groups: int = 3                # [authors]
     hypotheses: str | None = None           # per_group (default) | shared (transformers < 4.31, the authors')
 
 

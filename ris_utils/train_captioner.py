@@ -46,6 +46,7 @@ from ris_utils.models import (
     quiet_random_init,
     register_open_clip_configs,
     resolve_device,
+    torch_threads,
     warmup_cosine_lr,
 )
 from ris_utils.profiles import is_profile_default, project_root
@@ -188,7 +189,6 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
     Returns:
       the trained :class:`Captioner` (eval mode, fp32 weights rounded through fp16 like the saved ones).
     """
-    import open_clip
     import torch
 
     tr = train_settings(cfg)
@@ -198,59 +198,77 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
     if not hasattr(tok, "to_dict"):
         raise ValueError("train_captioner trains only word-tokenizer captioners (captions.tokenizer: shapes)")
     mcfg = model_config(name, tok.vocab_size)
-    ctx = int(mcfg["text_cfg"]["context_length"])
-    tok.context_length = ctx
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(int(tr["threads"]))
+    tok.context_length = int(mcfg["text_cfg"]["context_length"])
     t0 = time.perf_counter()
-    try:
+    with torch_threads(int(tr["threads"]), "captions.train.threads"):
         model = build_model(name, tok.vocab_size, int(tr["seed"]))
         vs = crops.model_view_settings(model)
         views = _views_of(cfg)
         x, objects = training_views(tr, views, vs["size"], cfg["fill"], vs["mean"], vs["std"])
         t_data = time.perf_counter() - t0
-        rng = np.random.default_rng([int(tr["seed"]), 11])
-        loss_fn = open_clip.loss.CoCaLoss(caption_loss_weight=float(tr["caption_loss_weight"]),
-                                          clip_loss_weight=float(tr["clip_loss_weight"]),
-                                          pad_id=tok.pad_token_id)
-        opt = torch.optim.AdamW(model.parameters(), lr=float(tr["lr"]),
-                                weight_decay=float(tr["weight_decay"]))
-        model.train()
-        m, v = x.shape[0], x.shape[1]
-        history = []
-        bs = int(tr["batch_size"])
-        for step in range(int(tr["steps"])):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, tr)
-            oi = rng.integers(0, m, size=bs)
-            vi = rng.integers(0, v, size=bs)
-            images = x[torch.from_numpy(oi), torch.from_numpy(vi)]  # (B, 3, S, S)
-            texts = tok([shapes.generic_caption(objects[k], rng) for k in oi])  # (B, ctx)
-            res = model(images, texts)
-            clip_l, cap_l = loss_fn(res["image_features"], res["text_features"], res["logits"], res["labels"],
-                                    res["logit_scale"])
-            loss = clip_l + cap_l
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            history.append((float(clip_l.detach()), float(cap_l.detach())))
-            if log_every and (step % log_every == 0 or step == int(tr["steps"]) - 1):
-                logger.info("captioner step %d: contrastive %.3f caption %.3f", step, *history[-1])
-    finally:
-        torch.set_num_threads(prev_threads)
+        history = _fit(model, tok, x, objects, tr, log_every)
     seconds = time.perf_counter() - t0
     model.eval()
     # Keep the in-memory model identical to what a reload of the fp16 checkpoint gives.
     state = {k: t.detach().half() if t.is_floating_point() else t.detach() for k, t in model.state_dict().items()}
     model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
+    card = _card(model, name, mcfg, tok, views, cfg["fill"], tr, x.shape[0], history, seconds, t_data)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+        card["checkpoint_bytes"] = out.stat().st_size
+        card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        logger.info("captioner saved to %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    vs = crops.model_view_settings(model)
+    return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, "trained now", card)
+
+
+def _fit(model, tok, x, objects, tr: dict, log_every: int) -> list[tuple[float, float]]:
+    """CoCa's loss over ``tr["steps"]`` batches of (view, generic caption); returns the loss history."""
+    import open_clip
+    import torch
+
+    rng = np.random.default_rng([int(tr["seed"]), 11])
+    loss_fn = open_clip.loss.CoCaLoss(caption_loss_weight=float(tr["caption_loss_weight"]),
+                                      clip_loss_weight=float(tr["clip_loss_weight"]), pad_id=tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
+    model.train()
+    m, v = x.shape[0], x.shape[1]
+    history = []
+    bs = int(tr["batch_size"])
+    for step in range(int(tr["steps"])):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, tr)
+        oi = rng.integers(0, m, size=bs)
+        vi = rng.integers(0, v, size=bs)
+        images = x[torch.from_numpy(oi), torch.from_numpy(vi)]  # (B, 3, S, S)
+        texts = tok([shapes.generic_caption(objects[k], rng) for k in oi])  # (B, ctx)
+        res = model(images, texts)
+        clip_l, cap_l = loss_fn(res["image_features"], res["text_features"], res["logits"], res["labels"],
+                                res["logit_scale"])
+        loss = clip_l + cap_l
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append((float(clip_l.detach()), float(cap_l.detach())))
+        if log_every and (step % log_every == 0 or step == int(tr["steps"]) - 1):
+            logger.info("captioner step %d: contrastive %.3f caption %.3f", step, *history[-1])
+    return history
+
+
+def _card(model, name, mcfg, tok, views, fill, tr, m, history, seconds, t_data) -> dict:
+    import open_clip
+    import torch
+
     tail = history[-20:]
-    card = {
+    return {
         "model": name,
         "config": mcfg,
         "tokenizer": tok.to_dict(),
         "views": [str(w) for w in views],
-        "fill": cfg["fill"],
+        "fill": fill,
         "train": tr,
         "seed": int(tr["seed"]),
         "n_training_objects": int(m),
@@ -265,15 +283,6 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "produced_by": "python -m ris_utils.train_captioner",
     }
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, out)
-        card["checkpoint_bytes"] = out.stat().st_size
-        card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
-        logger.info("captioner saved to %s (%.2f MB)", out, out.stat().st_size / 1e6)
-    vs = crops.model_view_settings(model)
-    return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, "trained now", card)
 
 
 def _views_of(cfg: dict) -> tuple:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_utils import settings
 from ris_utils.layout import IMAGE_DIRS
 from ris_utils.models import init_uninitialised, quiet_random_init, register_open_clip_configs
 
@@ -238,7 +239,8 @@ def prepare(cfg: dict) -> dict:
 
     root = Path(cfg["data_root"])
     datasets = cfg.get("datasets") or [{"name": "refcoco+", "split_by": "unc"}]
-    photos, refs, images, anns = build_samples(int(cfg.get("max_side", 320)), cfg.get("photos"))
+    cfg = settings.complete("data", cfg)
+    photos, refs, images, anns = build_samples(int(cfg["max_side"]), cfg["photos"])
     img_dir = root / IMAGE_DIR
     img_dir.mkdir(parents=True, exist_ok=True)
     for file_name, img in photos.items():
