@@ -322,8 +322,11 @@ class ModelArgs:                    # the CRIS head (ris_utils.ris.model; None =
     prior: float | None = None
     c5_stride: int | None = None
     proj_upsample: int | None = None
-    clip_prior: str | None = None
+    clip_prior: str | None = None   # (ours) attn | value: the pretrained CLIP's dense score as a residual logit
     prior_feature: bool | None = None
+    proj_skip: bool | None = None   # (ours) the image tower's C3 into the projector (logits at stride 8)
+    location: str | None = None     # (ours) relative: the relative-location head (ris.model.RelativeLocation)
+    location_args: dict | None = _free()   # its dim / hidden
 
 
 @dataclass
@@ -400,16 +403,18 @@ class Experiments:                  # notebook 04's grid (ris_utils.ris.experime
     runs_dir: str | None = None
 
 
+#: [CRIS] the learning-rate schedule: x0.1 at epoch 35 of 50, no warmup.
+CRIS_SCHEDULE = {"name": "multistep", "milestones": [35], "gamma": 0.1, "warmup_steps": 0}
+
 #: [CRIS] test-time mask: sigmoid > 0.35 at the original image size.
 MASK_THRESHOLD = 0.35
 
 
 @dataclass
 class Ris:
-    """The ``ris`` section. Values = ``ris_utils.ris.train.DEFAULTS``; keys that CRIS's config names as
-    aliases (``clip_pretrained``, ``milestones`` + ``lr_decay``, ``max_norm``, ``num_layers``, ``num_head``,
-    ``dim_ffn``, ``dropout``) and the values they derive (``schedule``, ``grad_clip``) stay ``None`` here:
-    ``ris.train.resolve_config`` resolves them."""
+    """The ``ris`` section. Keys that CRIS's config names as aliases (``clip_pretrained``, ``milestones`` +
+    ``lr_decay``, ``max_norm``, ``num_layers``, ``num_head``, ``dim_ffn``, ``dropout``) stay ``None`` here:
+    ``ris.build.resolve_config`` maps them onto the keys they name."""
     model: str = "cris_tiny"        # MODEL_REGISTRY name ([CRIS] cris_rn50)
     model_args: ModelArgs | None = _group(ModelArgs)
     pretrained: str = "default"     # default = the builder's (openai for cris_rn50/101, none for cris_tiny)
@@ -427,9 +432,9 @@ class Ris:
     lr: float = 1e-4                # [CRIS] base_lr
     backbone_lr_mult: float = 0.1   # [CRIS]
     weight_decay: float = 0.0
-    grad_clip: float | None = None  # default 0.0 ([CRIS] max_norm 0)
+    grad_clip: float = 0.0          # [CRIS] max_norm 0
     max_norm: float | None = None   # [CRIS] alias of grad_clip
-    schedule: Schedule | None = _group(Schedule)   # default [CRIS] multistep [35], gamma 0.1
+    schedule: Schedule | None = _group(Schedule)   # None = CRIS_SCHEDULE
     milestones: list | None = None  # [CRIS] alias -> schedule
     lr_decay: float | None = None   # [CRIS] alias -> schedule.gamma
     num_layers: int | None = None   # [CRIS] alias -> model_args
@@ -447,8 +452,10 @@ class Ris:
     threads: int | None = None      # torch CPU threads (None = torch's default)
     dice_weight: float = 0.0        # (ours) + dice loss; [CRIS] 0
     loss_target: str = "nearest"    # nearest ([CRIS]) | area
-    feature_cache: str | None = None
-    feature_cache_mb: float | None = None
+    feature_cache: str | None = None     # folder of the frozen image tower's features (None: memory only)
+    feature_cache_mb: float | None = None  # memory bound of the in-memory feature copy (None: unbounded)
+    prior_lr_mult: float = 20.0     # (ours) lr multiplier of the CLIP prior's scale and offset
+    location_lr_mult: float = 20.0  # (ours) lr multiplier of the relative-location head
     experiments: Experiments | None = _group(Experiments)
     eval_sets: list | None = _items(EvalSet)
 
@@ -541,7 +548,7 @@ def _default_of(f):
 
 
 #: Sections whose defaults :func:`defaults` does not fill in (yet): ``ris`` -- its code resolves them
-#: (``ris.train.resolve_config``, CRIS's aliases), and notebook 04's job keys hash the section as given, so
+#: (``ris.build.resolve_config``, CRIS's aliases), and notebook 04's job keys hash the section as given, so
 #: filling it would re-train finished runs. Switching ``ris`` over is one line here plus its code.
 NOT_FILLED = ("ris",)
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ris_utils.data.refer import ReferData, load_refer, select_split
+from ris_utils.data.refer import ReferData, decode_segmentation, load_refer, select_split
+from ris_utils.images import load_image_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,6 @@ class _ReferBase(torch.utils.data.Dataset):
 
     def __init__(self, refer: ReferData, split: str, tokenizer, input_size: int, word_len: int,
                  cache: bool = True, image_fallback_roots=()):
-        from ris_utils.images import load_image_rgb
 
         self._load = load_image_rgb
         self.refer = refer
@@ -245,7 +245,6 @@ class RisEvalSet(_ReferBase):
                 self._anns_by_image.setdefault(a["image_id"], []).append(a)
         image_id = self.refs[i]["image_id"]
         if image_id not in self._objects:
-            from ris_utils.data.refer import decode_segmentation
 
             info = self.refer.imgs[image_id]
             if len(self._objects) >= 8:
@@ -259,3 +258,10 @@ class RisEvalSet(_ReferBase):
 def open_refer(path, dataset=None, split_by=None) -> ReferData:
     root, ds, sb = resolve_refer(path, dataset, split_by)
     return load_refer(root, ds, sb)
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack a list of items (tensors stacked, numbers to a tensor)."""
+    return {k: torch.stack([b[k] for b in batch]) if torch.is_tensor(batch[0][k]) else torch.tensor([b[k] for b in batch])
+            for k in batch[0]}
+

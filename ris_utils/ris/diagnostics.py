@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+from ris_utils.data.shapes import parse_expression
+
 ATTRIBUTE_KINDS = ("color", "shape", "size", "pattern", "location")
 
 
 def named_attributes(sentence: str) -> set[str]:
     """The attribute kinds named in ``sentence`` (subset of :data:`ATTRIBUTE_KINDS`)."""
-    from ris_utils.data.shapes import parse_expression
 
     p = parse_expression(sentence)
     out = {k for k in ("color", "shape", "size", "pattern") if p[k]}

@@ -17,21 +17,98 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+from torch import nn
+
 from ris_utils.fileio import atomic_write
-from ris_utils.ris.dataset import RisEvalSet, open_refer
+from ris_utils.metrics import RisEvaluator
+from ris_utils.models import resolve_device
+from ris_utils.ris.build import build_tokenizer, defaults, make_model
+from ris_utils.ris.checkpoint import load_model_state, load_ris_checkpoint
+from ris_utils.ris.dataset import RisEvalSet, collate, open_refer, unletterbox
+from ris_utils.ris.diagnostics import pick_by_attribute
 from ris_utils.ris.features import feature_stores
-from ris_utils.ris.train import (
-    DEFAULTS,
-    build_tokenizer,
-    evaluate_model,
-    load_model_state,
-    load_ris_checkpoint,
-    make_model,
-)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_checkpoint", "evaluate_checkpoint", "cli"]
+__all__ = ["evaluate_model", "load_checkpoint", "evaluate_checkpoint", "cli"]
+
+
+@torch.no_grad()
+def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, device, stores=(None, None)
+                           ) -> torch.Tensor:
+    """Logits of an evaluation batch, encoding each distinct image of the batch once (consecutive sentences
+    mostly share images: ~10 per image on the shapes world) when the model can take precomputed image
+    features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise.
+    ``stores`` = :func:`ris_utils.ris.features.feature_stores` of a model with frozen towers."""
+    img, tokens = batch["img"].to(device), batch["tokens"].to(device)
+    if not hasattr(model, "encode_image"):
+        return model(img, tokens)
+    img_store, txt_store = stores or (None, None)
+    text = txt_store.batch(tokens) if txt_store else None
+    keys = data.image_keys(batch["ref_index"]) if img_store is not None else \
+        [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
+    first: dict = {}
+    inverse = torch.tensor([first.setdefault(k, len(first)) for k in keys], device=img.device)
+    rows = [keys.index(k) for k in first]
+    if img_store is not None:
+        feats = img_store.batch(list(first), img[rows])
+    elif len(first) == len(keys):
+        return model(img, tokens, text=text)
+    else:
+        feats = model.encode_image(img[rows])
+    return model(None, tokens, feats=feats, text=text, image_index=inverse)
+
+
+def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
+                   keep_predictions: int = 0, stores=None) -> dict:
+    """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
+    size: sigmoid -> :func:`unletterbox` -> ``> threshold`` (CRIS). ``keep_predictions`` > 0 also returns
+    the first that many ``(ref_index, sent_index, HxW bool prediction)`` under ``"predictions"``.
+
+    (ours, a diagnostic) ``pick_acc``: over sentences whose image has >= 2 annotated objects (``pick_n``), the
+    share where the referred object gets the highest mean probability among the image's objects -- whether the
+    model picks the right object at all, independent of the threshold and of mask quality (chance = 1 / the
+    number of objects). A model that segments objects but cannot yet ground the words scores low mIoU AND a
+    pick accuracy near chance; one that grounds but draws coarse masks scores high pick accuracy."""
+    convention = convention or cfg.get("convention", "lavt")
+    was_training = model.training
+    model.eval()
+    ev = RisEvaluator(convention=convention)
+    kept, ious = [], []
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.get("eval_batch_size", 64), shuffle=False,
+                                         collate_fn=collate, num_workers=0)
+    thr = float(cfg.get("threshold", 0.35))
+    picks, chance, pick_records = [], [], []
+    for batch in loader:
+        prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
+        for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
+            full = unletterbox(p, data.geometry(i))  # (H, W) probabilities at the original size
+            gt = data.gt_mask(i)
+            pred = (full > thr).numpy()
+            iou = ev.update(full.numpy() if convention == "cris" else pred, gt)
+            ious.append(float(iou[0]))
+            objs = data.image_objects(i)
+            if len(objs) >= 2:
+                fnp = full.numpy()
+                best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].any() else -1.0)[0]
+                picks.append(best == data.refs[i]["ann_id"])
+                chance.append(1.0 / len(objs))
+                sent = data.refs[i]["sentences"][j]
+                pick_records.append((sent.get("sent") or sent.get("raw") or "", picks[-1]))
+            if len(kept) < keep_predictions:
+                kept.append((i, j, pred))
+    model.train(was_training)
+    out = ev.compute()
+    out["pick_acc"] = float(np.mean(picks)) if picks else None
+    out["pick_chance"] = float(np.mean(chance)) if chance else None
+    out["pick_n"] = len(picks)
+    out.update(pick_by_attribute(pick_records))  # pick_acc_<color|shape|size|pattern|location>
+    if keep_predictions:
+        out["predictions"] = kept
+        out["ious"] = ious
+    return out
 
 
 def load_checkpoint(path, device="cpu"):
@@ -42,7 +119,7 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found (train writes <out>/last.pt)")
     ckpt = load_ris_checkpoint(path)  # weights_only=True: a crafted file cannot run code
-    cfg = {**DEFAULTS, **ckpt["config"]}
+    cfg = {**defaults(), **ckpt["config"]}
     tok = build_tokenizer({**cfg, "tokenizer": ckpt["tokenizer"]})
     model = make_model(cfg, tok)
     load_model_state(model, ckpt, path)
@@ -60,7 +137,6 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
     those refs only, ``n_refs`` says how many); ``overrides`` (e.g. ``threshold``, ``eval_batch_size``)
     replace the checkpoint's settings.
     """
-    from ris_utils.models import resolve_device
 
     dev = resolve_device(device)
     model, tok, cfg = loaded or load_checkpoint(checkpoint, dev)
@@ -98,7 +174,6 @@ def cli(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("ris_utils").setLevel(logging.INFO)  # open_clip logs its model building on the root logger
-    from ris_utils.models import resolve_device
 
     loaded = load_checkpoint(args.checkpoint, resolve_device(args.device))
     splits = [s.strip() for s in args.split.split(",") if s.strip()]

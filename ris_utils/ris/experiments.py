@@ -36,8 +36,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ris_utils.data import refer
+from ris_utils.data.refer import refs_path, select_split
+from ris_utils.export import mix_datasets, sample_images
 from ris_utils.fileio import atomic_write
+from ris_utils.images import load_image_rgb
+from ris_utils.models import resolve_device, seed_everything
+from ris_utils.profiles import project_root, resolve_paths
+from ris_utils.ris.build import build_tokenizer, make_model, resolve_config
+from ris_utils.ris.dataset import _to_tensor_image, letterbox_image, open_refer
 from ris_utils.ris.diagnostics import ATTRIBUTE_KINDS
+from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
+from ris_utils.ris.features import feature_stores
+from ris_utils.ris.train import train
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +83,6 @@ def _hash(d: dict) -> str:
 
 def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
     """Write the human refs of ``fraction`` of the train images of ``style`` as a REFER set; returns its root."""
-    from ris_utils.data import refer
-    from ris_utils.export import sample_images
 
     human = refer.load_refer(data_root, style, split_by)
     train = refer.select_split(human.refs, "train")
@@ -89,9 +98,6 @@ def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: in
 
 def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
     """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root)."""
-    from ris_utils.data import refer
-    from ris_utils.export import mix_datasets
-    from ris_utils.ris.dataset import open_refer
 
     mix_datasets(open_refer(pseudo_dir), refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
                  dataset=style, split_by="mix", images="none")
@@ -115,14 +121,12 @@ def _resolve_eval_set(e: dict) -> dict:
     an eval set without ``data_root`` is returned unchanged."""
     if e.get("data_root") is None:
         return e
-    from ris_utils.profiles import resolve_paths
 
     return {**e, "data_root": resolve_paths({"data_root": str(e["data_root"])})["data_root"]}
 
 
 def _refs_missing(e: dict, data_root) -> Path | None:
     """The refs file of eval set ``e`` when it does not exist, else None."""
-    from ris_utils.data.refer import refs_path
 
     p = refs_path(e.get("data_root") or data_root, e["dataset"], e.get("split_by", "shapes"))
     return None if p.is_file() else p
@@ -256,8 +260,6 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     """Train (resuming) and evaluate one job; returns ``{"job", "seconds", "evals": [paths], "skipped"}``."""
     import torch
 
-    from ris_utils.ris.train import train
-
     job = Job(**job) if isinstance(job, dict) else job
     cfg = _feature_cache(cfg)
     if cfg.get("threads"):
@@ -299,9 +301,6 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
 def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, str]]) -> list[str]:
     """Score ``out/last.pt`` on each (eval set, split) of ``todo``, each on the set's own ``data_root`` when it
     names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
-    from ris_utils.models import resolve_device
-    from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
-    from ris_utils.ris.features import feature_stores
 
     device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
     loaded = load_checkpoint(out / "last.pt", device)
@@ -322,8 +321,6 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
 def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     """Rough cost of a job in forward passes: training samples (train refs x epochs, a training step costing
     ~3 forwards) + evaluated sentences. Used only to order the pool's queue (:func:`run_jobs`)."""
-    from ris_utils.data.refer import select_split
-    from ris_utils.ris.dataset import open_refer
 
     cache = {} if _refs is None else _refs
 
@@ -354,8 +351,6 @@ def job_images(jobs: list[Job], cfg: dict) -> list[str]:
     sorted; an image linked into several sets is one key."""
     import os
 
-    from ris_utils.ris.dataset import open_refer
-
     sets = {(str(j.train_path), j.train_dataset, j.split_by) for j in jobs}
     sets |= {(str(ev.get("data_root") or cfg["data_root"]), ev["dataset"], ev.get("split_by", "shapes"))
              for j in jobs for ev in j.evals}
@@ -375,12 +370,6 @@ def encode_images(keys: list[str], cfg: dict) -> int:
     (:func:`job_images`); returns how many were computed. The features are those a training run computes
     (one image at a time), so a run that finds them reads the same bytes."""
     import torch
-
-    from ris_utils.images import load_image_rgb
-    from ris_utils.models import seed_everything
-    from ris_utils.ris.dataset import _to_tensor_image, letterbox_image
-    from ris_utils.ris.features import feature_stores
-    from ris_utils.ris.train import build_tokenizer, make_model, resolve_config
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -453,7 +442,6 @@ def curves(jobs: list[Job]) -> list[dict]:
 def pretrain_card(cfg: dict) -> dict | None:
     """The card of the RIS model's pretrained CLIP (``<pretrained minus .pt>.json``), when it has one: data,
     seed, steps, time and the training-free pick accuracies of :func:`ris_utils.ris.pretrain.pick_accuracy`."""
-    from ris_utils.profiles import project_root
 
     pre = cfg.get("pretrained")
     if not isinstance(pre, str) or not pre.endswith(".pt"):

@@ -26,7 +26,7 @@ RIS model uses, from data that is not the RIS data:
 
 Architecture: ``clip_shapes_dense`` (``ris_utils/model_configs/clip_shapes_dense.json``): open_clip's
 ``ModifiedResNet`` (the RN50 family, width 16) with ``layer4`` kept at stride 16 instead of 32 (its
-first block's two average pools removed by :func:`ris_utils.ris.model.set_c5_stride`) so that at the RIS
+first block's two average pools removed by :func:`ris_utils.ris.backbone.set_c5_stride`) so that at the RIS
 input of 192 px the C5 cell is 16 px of the input (10.7 px of the 128-px scene), below the smallest
 object's diameter (14 px); the config's ``image_size`` (384) is 2 x the input because open_clip sizes the
 attention pool's positional grid as ``image_size // 32``. Token embeddings are not weight-decayed, so
@@ -47,6 +47,32 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ris_utils.captioning.tokenizer import shapes_tokenizer
+from ris_utils.crops import make_views
+from ris_utils.data import shapes
+from ris_utils.data.refer import decode_segmentation, select_split
+from ris_utils.images import load_image_rgb
+from ris_utils.models import (
+    quiet_random_init,
+    register_open_clip_configs,
+    seed_everything,
+    torch_threads,
+    warmup_cosine,
+)
+from ris_utils.profiles import parse_params, project_root, step_config
+from ris_utils.ris.backbone import dense_map, set_c5_stride
+from ris_utils.ris.dataset import (
+    CLIP_MEAN,
+    CLIP_STD,
+    _image_path,
+    letterbox_image,
+    letterbox_mask,
+    open_refer,
+)
+from ris_utils.ris.diagnostics import pick_by_attribute
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +83,6 @@ TEMPLATES = ("{a} {x}", "{a} {x} shape", "{a} {x} object", "one {x}")
 def generic_caption(obj, rng: np.random.Generator) -> str:
     """A generic caption of one object: each of size / colour / pattern with probability 0.5 (surface forms
     varied), always the shape, in one of :data:`TEMPLATES` ("a red circle", "one big striped star shape")."""
-    from ris_utils.data import shapes
 
     attrs = [a for a in ("size", "color", "pattern") if rng.random() < 0.5]
     x = shapes.phrase(obj, attrs, None, rng, article=None)
@@ -67,7 +92,6 @@ def generic_caption(obj, rng: np.random.Generator) -> str:
 
 def fits(caption: str, obj) -> bool:
     """Whether every attribute the caption names (and its shape) is ``obj``'s (the referee's reading)."""
-    from ris_utils.data import shapes
 
     p = shapes.parse_expression(caption)
     if p["shape"] != {obj.shape}:
@@ -81,10 +105,6 @@ def pretrain_world(world_seed: int, n_images: int, input_size: int, scene_size: 
     Returns ``(images, objects, masks)``: images uint8 (N, 3, S, S) letterboxed to ``input_size`` as the RIS
     model's input; objects[i] = the scene's ``ShapeObject`` list; masks[i] = (n_i, S, S) bool at the input size.
     """
-    import torch
-
-    from ris_utils.data import shapes
-    from ris_utils.ris.dataset import letterbox_image, letterbox_mask
 
     imgs, objs, masks = [], [], []
     ann = 1
@@ -101,8 +121,6 @@ def pretrain_world(world_seed: int, n_images: int, input_size: int, scene_size: 
 
 def cell_weights(masks: np.ndarray, grid: int):
     """(n, S, S) bool masks -> (n, grid*grid) float: the share of each C5 cell covered by each mask."""
-    import torch
-    import torch.nn.functional as F
 
     m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
     return F.adaptive_avg_pool2d(m, grid).flatten(1)
@@ -110,7 +128,6 @@ def cell_weights(masks: np.ndarray, grid: int):
 
 def region_embeddings(dense, weights: list):
     """dense (B, D, g, g) C5 maps; weights[b] (n_b, g*g) cell weights -> (sum n_b, D) region means."""
-    import torch
 
     out = []
     for d, w in zip(dense, weights):
@@ -124,7 +141,6 @@ def fit_loss(regions, texts, pos, scale):
 
     regions (N, D), texts (N, D) L2-normalised; pos (N, N) bool, pos[i, j] = caption j fits object i
     (the diagonal is always True); scale: the logit scale."""
-    import torch.nn.functional as F
 
     logits = scale * regions @ texts.T
     p = pos.float()
@@ -136,9 +152,6 @@ def fit_loss(regions, texts, pos, scale):
 def build_clip(name: str, c5_stride: int):
     """A random-init open_clip CLIP ``name`` (our configs) with its C5 at ``c5_stride``."""
     import open_clip
-
-    from ris_utils.models import quiet_random_init, register_open_clip_configs
-    from ris_utils.ris.model import set_c5_stride
 
     register_open_clip_configs()
     with quiet_random_init():
@@ -155,14 +168,6 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
     ``warmup``, ``seed``, ``threads``; ``eval`` = ``{data_root, dataset, split_by, split, max_refs}`` for the
     training-free pick accuracies written to the card (skipped when that dataset is missing).
     """
-    import open_clip
-    import torch
-    import torch.nn.functional as F
-
-    from ris_utils.captioning.tokenizer import shapes_tokenizer
-    from ris_utils.models import seed_everything, torch_threads, warmup_cosine
-    from ris_utils.ris.dataset import CLIP_MEAN, CLIP_STD
-    from ris_utils.ris.model import dense_map
 
     out = Path(out or cfg["checkpoint"])
     with torch_threads(cfg.get("threads")):
@@ -208,6 +213,16 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
         t_train = time.perf_counter() - t1
         model.eval()
         picks = pick_accuracy(model, tok, cfg) if cfg.get("eval") else {}
+    return write_asset(model, tok, cfg, out, n_objects=int(sum(len(o) for o in objects)), picks=picks,
+                       seconds=(t_data, t_train), final_loss=float(np.mean(losses[-50:])))
+
+
+def write_asset(model, tok, cfg: dict, out: Path, n_objects: int, picks: dict, seconds: tuple, final_loss: float
+                ) -> dict:
+    """Save the pretrained CLIP (float16 state dict + its settings and tokenizer) to ``out`` and its card to
+    ``out.with_suffix(".json")``; returns the card."""
+    import open_clip
+
     state = {"state_dict": {k: v.half() for k, v in model.state_dict().items()}, "model": cfg["model"],
              "settings": {k: v for k, v in cfg.items() if k != "eval"}, "tokenizer": tok.to_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,8 +237,8 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
         "data": (f"{cfg['n_images']} scenes of an in-memory shapes world (world_seed {cfg['world_seed']}), "
                  "generic captions only (ris_utils.ris.pretrain.generic_caption); no RIS image, no referring "
                  "expression"),
-        "train_objects": int(sum(len(o) for o in objects)), "data_seconds": round(t_data, 1),
-        "train_seconds": round(t_train, 1), "final_loss": round(float(np.mean(losses[-50:])), 4),
+        "train_objects": n_objects, "data_seconds": round(seconds[0], 1),
+        "train_seconds": round(seconds[1], 1), "final_loss": round(final_loss, 4),
         "pick": picks, "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "note": "Not the paper's model: a tiny CLIP for the shapes world (paper/CRIS: OpenAI CLIP RN50).",
@@ -243,21 +258,6 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
       ``input_size``) -- the crop-level grounding step 3 relies on.
     Returns ``{"dense": acc, "crop": acc, "chance": mean 1/n_objects, "n": sentences}``.
     """
-    import torch
-    import torch.nn.functional as F
-
-    from ris_utils.crops import make_views
-    from ris_utils.data.refer import decode_segmentation, select_split
-    from ris_utils.images import load_image_rgb
-    from ris_utils.ris.dataset import (
-        CLIP_MEAN,
-        CLIP_STD,
-        _image_path,
-        letterbox_image,
-        letterbox_mask,
-        open_refer,
-    )
-    from ris_utils.ris.model import dense_map
 
     ev = cfg["eval"]
     root = Path(ev["data_root"])
@@ -294,7 +294,6 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
             hits_c += int(((t @ pooled.T).argmax(1) == target).sum())
             chance += [1 / len(anns)] * len(t)
             n += len(t)
-    from ris_utils.ris.diagnostics import pick_by_attribute
 
     by_attr = {k.replace("pick_acc_", "dense_"): round(v, 4) for k, v in pick_by_attribute(records).items()
                if k.startswith("pick_acc_")}
@@ -305,7 +304,6 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
 
 def _relative(v) -> str:
     """A setting as text, a path under the project root relative to it (cards are committed)."""
-    from ris_utils.profiles import project_root
 
     s = str(v)
     root = str(project_root()) + "/"
@@ -313,7 +311,6 @@ def _relative(v) -> str:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from ris_utils.profiles import parse_params, step_config
 
     ap = argparse.ArgumentParser(prog="python -m ris_utils pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")
