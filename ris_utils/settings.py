@@ -431,6 +431,8 @@ class Ris:
     batch_size: int = 64            # [CRIS]
     lr: float = 1e-4                # [CRIS] base_lr
     backbone_lr_mult: float = 0.1   # [CRIS]
+    prior_lr_mult: float = 20.0     # (ours) the CLIP prior's scale / offset (model_args.clip_prior)
+    location_lr_mult: float = 20.0  # (ours) the relative-location head (model_args.location)
     weight_decay: float = 0.0
     grad_clip: float = 0.0          # [CRIS] max_norm 0
     max_norm: float | None = None   # [CRIS] alias of grad_clip
@@ -454,8 +456,6 @@ class Ris:
     loss_target: str = "nearest"    # nearest ([CRIS]) | area
     feature_cache: str | None = None     # folder of the frozen image tower's features (None: memory only)
     feature_cache_mb: float | None = None  # memory bound of the in-memory feature copy (None: unbounded)
-    prior_lr_mult: float = 20.0     # (ours) lr multiplier of the CLIP prior's scale and offset
-    location_lr_mult: float = 20.0  # (ours) lr multiplier of the relative-location head
     experiments: Experiments | None = _group(Experiments)
     eval_sets: list | None = _items(EvalSet)
 

@@ -121,3 +121,17 @@ def test_the_ris_section_is_checked_but_left_as_given():
     cfg = profiles.step_config("shapes", "ris")
     assert set(cfg) - {"note"} == set(prof["shared"]) | set(prof["ris"]) | {"step"}
     assert "ris" in settings.NOT_FILLED
+
+
+def test_every_ris_default_is_a_setting():
+    """The ris code reads its defaults from settings.Ris (ris.build.defaults): no second home."""
+    from ris_utils.ris import build, train
+
+    assert not hasattr(train, "DEFAULTS")
+    d = build.defaults()
+    for f in dataclasses.fields(settings.Ris):
+        if f.name in d and f.default not in (None, dataclasses.MISSING):
+            assert d[f.name] == f.default, f.name
+    assert d["schedule"] == settings.CRIS_SCHEDULE and d["grad_clip"] == 0.0 and d["seed"] == settings.Shared.seed
+    resolved = build.resolve_config({"lr": 3e-3})
+    assert resolved["lr"] == 3e-3 and resolved["location_lr_mult"] == settings.Ris.location_lr_mult
