@@ -73,9 +73,19 @@ def beam_search(
     Returns:
         B token lists ``[sot, ..., eot]`` (eot missing when the hypothesis reached ``seq_len``).
     """
+    _check_beam_args(num_beams, num_beam_groups, seq_len, min_seq_len, diversity_penalty, hypotheses)
+    decoder.check_length(seq_len)
+    search = _GroupBeamSearch(decoder, ids, image_embs, num_beams, num_beam_groups, seq_len, min_seq_len,
+                              diversity_penalty, length_penalty, shared=hypotheses == "shared")
+    while not search.step():
+        pass
+    return search.best()
+
+
+def _check_beam_args(num_beams: int, num_beam_groups: int, seq_len: int, min_seq_len: int,
+                     diversity_penalty: float, hypotheses: str) -> None:
     if hypotheses not in BEAM_HYPOTHESES:
         raise ValueError(f"beam hypotheses must be one of {BEAM_HYPOTHESES}, got {hypotheses!r}")
-    shared = hypotheses == "shared"
     if num_beams < 2 or num_beam_groups < 1 or num_beams % num_beam_groups:
         raise ValueError(f"num_beams ({num_beams}) must be >= 2 and divisible by num_beam_groups "
                          f"({num_beam_groups})")
@@ -83,95 +93,121 @@ def beam_search(
         raise ValueError(f"seq_len ({seq_len}) must be larger than min_seq_len ({min_seq_len})")
     if diversity_penalty < 0:
         raise ValueError(f"diversity_penalty must be >= 0, got {diversity_penalty}")
-    decoder.check_length(seq_len)
-    b_, t_, w_ = image_embs.shape
-    nb, ng = num_beams, num_beam_groups
-    gs = nb // ng
-    dev = decoder.device
-    r_ = b_ * nb
-    cross = decoder.cross_kv(image_embs)
-    tcache = decoder.new_text_cache(r_, seq_len)
-    dcache = decoder.new_decoder_cache(r_, seq_len)
-    min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
 
-    input_ids = torch.full((r_, 1), ids.sot, dtype=torch.long, device=dev)
-    beam_scores = torch.full((b_, nb), -1e9, dtype=torch.float, device=dev)
-    beam_scores[:, ::gs] = 0
-    beam_scores = beam_scores.view(-1)
-    if shared:  # one heap of num_beams per caption, the same object for every group
-        hyps = [[h] * ng for h in (_Hypotheses(nb, length_penalty) for _ in range(b_))]
-    else:
-        hyps = [[_Hypotheses(gs, length_penalty) for _ in range(ng)] for _ in range(b_)]
-    add_len = 0 if shared else 1  # legacy lengths: the hypothesis without its eot
-    done = [[False] * ng for _ in range(b_)]
-    group_rows = [torch.tensor([b * nb + k for b in range(b_) for k in range(g * gs, (g + 1) * gs)], device=dev)
-                  for g in range(ng)]
-    while True:
-        cur = input_ids.shape[1]
-        e = decoder.text_step(input_ids[:, -1], cur - 1, tcache)
-        logits = decoder.project(decoder.decoder_step(e.view(b_, nb, w_), cur - 1, dcache, cross)).view(r_, -1)
-        logits = logits.float()
+
+class _GroupBeamSearch:
+    """The state of one :func:`beam_search` call over B crops: ``num_beams`` rows per crop in ``num_beam_groups``
+    groups of ``gs`` beams, their scores, finished hypotheses and done flags (one per group, or one per caption
+    when ``shared``)."""
+
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, image_embs: torch.Tensor, nb: int, ng: int,
+                 seq_len: int, min_seq_len: int, diversity_penalty: float, length_penalty: float, *, shared: bool):
+        b_, _, w_ = image_embs.shape
+        gs = nb // ng
+        dev = decoder.device
+        r_ = b_ * nb
+        self.decoder, self.ids, self.seq_len, self.shared = decoder, ids, seq_len, shared
+        self.b_, self.nb, self.ng, self.gs, self.w_, self.r_, self.dev = b_, nb, ng, gs, w_, r_, dev
+        self.diversity_penalty = diversity_penalty
+        self.cross = decoder.cross_kv(image_embs)
+        self.tcache = decoder.new_text_cache(r_, seq_len)
+        self.dcache = decoder.new_decoder_cache(r_, seq_len)
+        self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
+        self.input_ids = torch.full((r_, 1), ids.sot, dtype=torch.long, device=dev)
+        beam_scores = torch.full((b_, nb), -1e9, dtype=torch.float, device=dev)
+        beam_scores[:, ::gs] = 0
+        self.beam_scores = beam_scores.view(-1)
+        if shared:  # one heap of num_beams per caption, the same object for every group
+            self.hyps = [[h] * ng for h in (_Hypotheses(nb, length_penalty) for _ in range(b_))]
+        else:
+            self.hyps = [[_Hypotheses(gs, length_penalty) for _ in range(ng)] for _ in range(b_)]
+        self.add_len = 0 if shared else 1  # legacy lengths: the hypothesis without its eot
+        self.done = [[False] * ng for _ in range(b_)]
+        self.group_rows = [torch.tensor([b * nb + k for b in range(b_) for k in range(g * gs, (g + 1) * gs)],
+                                        device=dev) for g in range(ng)]
+
+    def step(self) -> bool:
+        """Extend every beam of every group by one token; True when the search is over."""
+        cur = self.input_ids.shape[1]
+        e = self.decoder.text_step(self.input_ids[:, -1], cur - 1, self.tcache)
+        hidden = self.decoder.decoder_step(e.view(self.b_, self.nb, self.w_), cur - 1, self.dcache, self.cross)
+        logits = self.decoder.project(hidden).view(self.r_, -1).float()
+        current_tokens = torch.zeros(self.r_, dtype=torch.long, device=self.dev)
+        reorder = torch.zeros(self.r_, dtype=torch.long, device=self.dev)
+        for g in range(self.ng):
+            self._group_step(g, logits, cur, current_tokens, reorder)
+        self.input_ids = torch.cat([self.input_ids, current_tokens.unsqueeze(-1)], dim=-1)
+        self.tcache.reorder(reorder)
+        self.dcache.reorder(reorder)
+        return all(all(d) for d in self.done) or self.input_ids.shape[1] >= self.seq_len
+
+    def _group_step(self, g: int, logits: torch.Tensor, cur: int, current_tokens: torch.Tensor,
+                    reorder: torch.Tensor) -> None:
+        b_, nb, gs, dev = self.b_, self.nb, self.gs, self.dev
         vocab = logits.shape[-1]
-        current_tokens = torch.zeros(r_, dtype=torch.long, device=dev)
-        reorder = torch.zeros(r_, dtype=torch.long, device=dev)
-        for g in range(ng):
-            rows = group_rows[g]
-            gids = input_ids[rows]
-            scores = min_len(gids, logits[rows])
-            if diversity_penalty > 0 and g > 0:
-                prev = current_tokens.view(b_, nb)[:, : g * gs]  # tokens chosen by earlier groups
-                freq = torch.zeros(b_, vocab, device=dev).scatter_add_(1, prev, torch.ones_like(prev, dtype=torch.float))
-                scores = scores - diversity_penalty * freq.repeat_interleave(gs, dim=0)
-            cand = (scores + beam_scores[rows].unsqueeze(-1)).view(b_, gs * vocab)
-            top_s, top_i = torch.topk(cand, 2 * gs, dim=1, largest=True, sorted=True)
-            src_beam, tok = top_i // vocab, top_i % vocab
-            # next beams as Python lists (scores are float32 values, stored back into float32 exactly)
-            nbs, nbt, nbi = [0.0] * (b_ * gs), [0] * (b_ * gs), [0] * (b_ * gs)
-            top_s_l, tok_l, src_l = top_s.tolist(), tok.tolist(), src_beam.tolist()
-            eot = ids.eot
-            for b in range(b_):
-                if done[b][g]:
-                    nbt[b * gs: (b + 1) * gs] = [ids.pad] * gs
-                    continue
-                k = 0
-                sb, tb, rb = top_s_l[b], tok_l[b], src_l[b]
-                for rank in range(2 * gs):
-                    src = b * gs + rb[rank]
-                    if tb[rank] == eot:
-                        if rank >= gs:
-                            continue
-                        hyps[b][g].add(gids[src].clone(), sb[rank], cur + add_len)
-                    else:
-                        j = b * gs + k
-                        nbs[j], nbt[j], nbi[j] = sb[rank], tb[rank], src
-                        k += 1
-                    if k == gs:
-                        break
-                done[b][g] = done[b][g] or hyps[b][g].is_done(max(sb), cur + add_len)
-                if shared and done[b][g]:  # one flag per caption
-                    done[b] = [True] * ng
-            nbi = torch.tensor(nbi, dtype=torch.long, device=dev)
-            beam_scores[rows] = torch.tensor(nbs, dtype=beam_scores.dtype, device=dev)
-            input_ids[rows] = gids[nbi]
-            current_tokens[rows] = torch.tensor(nbt, dtype=torch.long, device=dev)
-            reorder[rows] = rows[nbi]
-        input_ids = torch.cat([input_ids, current_tokens.unsqueeze(-1)], dim=-1)
-        tcache.reorder(reorder)
-        dcache.reorder(reorder)
-        if all(all(d) for d in done) or input_ids.shape[1] >= seq_len:
-            break
+        rows = self.group_rows[g]
+        gids = self.input_ids[rows]
+        scores = self.min_len(gids, logits[rows])
+        if self.diversity_penalty > 0 and g > 0:
+            prev = current_tokens.view(b_, nb)[:, : g * gs]  # tokens chosen by earlier groups
+            freq = torch.zeros(b_, vocab, device=dev).scatter_add_(1, prev, torch.ones_like(prev, dtype=torch.float))
+            scores = scores - self.diversity_penalty * freq.repeat_interleave(gs, dim=0)
+        cand = (scores + self.beam_scores[rows].unsqueeze(-1)).view(b_, gs * vocab)
+        top_s, top_i = torch.topk(cand, 2 * gs, dim=1, largest=True, sorted=True)
+        src_beam, tok = top_i // vocab, top_i % vocab
+        # next beams as Python lists (scores are float32 values, stored back into float32 exactly)
+        nxt = ([0.0] * (b_ * gs), [0] * (b_ * gs), [0] * (b_ * gs))  # scores, tokens, source rows
+        top_s_l, tok_l, src_l = top_s.tolist(), tok.tolist(), src_beam.tolist()
+        for b in range(b_):
+            self._advance(b, g, gids, cur, top_s_l[b], tok_l[b], src_l[b], nxt)
+        nbs, nbt, nbi = nxt
+        nbi = torch.tensor(nbi, dtype=torch.long, device=dev)
+        self.beam_scores[rows] = torch.tensor(nbs, dtype=self.beam_scores.dtype, device=dev)
+        self.input_ids[rows] = gids[nbi]
+        current_tokens[rows] = torch.tensor(nbt, dtype=torch.long, device=dev)
+        reorder[rows] = rows[nbi]
 
-    out = []
-    for b in range(b_):
-        for g in range(ng):
-            if done[b][g]:
-                continue
-            for k in range(gs):
-                row = b * nb + g * gs + k
-                hyps[b][g].add(input_ids[row], beam_scores[row].item(), input_ids.shape[1])
-        cands = hyps[b][0].beams if shared else [beam for g in range(ng) for beam in hyps[b][g].beams]
-        best = sorted(cands, key=lambda x: x[0]).pop()[1].tolist()
-        if len(best) < seq_len:
-            best.append(ids.eot)
-        out.append(best)
-    return out
+    def _advance(self, b: int, g: int, gids: torch.Tensor, cur: int, sb: list, tb: list, rb: list,
+                 nxt: tuple[list, list, list]) -> None:
+        """Caption ``b``, group ``g``: finished candidates (eot in the first ``gs`` ranks) go to the hypotheses,
+        the best ``gs`` others become the group's next beams (written into ``nxt``)."""
+        nbs, nbt, nbi = nxt
+        gs, ids = self.gs, self.ids
+        if self.done[b][g]:
+            nbt[b * gs: (b + 1) * gs] = [ids.pad] * gs
+            return
+        k = 0
+        for rank in range(2 * gs):
+            src = b * gs + rb[rank]
+            if tb[rank] == ids.eot:
+                if rank >= gs:
+                    continue
+                self.hyps[b][g].add(gids[src].clone(), sb[rank], cur + self.add_len)
+            else:
+                j = b * gs + k
+                nbs[j], nbt[j], nbi[j] = sb[rank], tb[rank], src
+                k += 1
+            if k == gs:
+                break
+        self.done[b][g] = self.done[b][g] or self.hyps[b][g].is_done(max(sb), cur + self.add_len)
+        if self.shared and self.done[b][g]:  # one flag per caption
+            self.done[b] = [True] * self.ng
+
+    def best(self) -> list[list[int]]:
+        """The best finished hypothesis of every caption (unfinished beams are added first)."""
+        input_ids, beam_scores, gs = self.input_ids, self.beam_scores, self.gs
+        out = []
+        for b in range(self.b_):
+            for g in range(self.ng):
+                if self.done[b][g]:
+                    continue
+                for k in range(gs):
+                    row = b * self.nb + g * gs + k
+                    self.hyps[b][g].add(input_ids[row], beam_scores[row].item(), input_ids.shape[1])
+            hyps = self.hyps[b]
+            cands = hyps[0].beams if self.shared else [beam for g in range(self.ng) for beam in hyps[g].beams]
+            best = sorted(cands, key=lambda x: x[0]).pop()[1].tolist()
+            if len(best) < self.seq_len:
+                best.append(self.ids.eot)
+            out.append(best)
+        return out

@@ -110,12 +110,27 @@ def generate_candidates(
     latents, embs = decoder.encode_images(views.reshape(n_ * v_, *views.shape[2:]))
     latents = latents.view(n_, v_, -1).transpose(0, 1)  # (V, N, E)
     embs = embs.view(n_, v_, *embs.shape[1:]).transpose(0, 1)  # (V, N, T, W)
-
-    results: dict[tuple[int, int, int], list[int]] = {}  # (mask, view, setting) -> token ids
-    beams = [(si, s) for si, s in enumerate(parsed) if s.kind == "beam"]
+    results = _beam_rows(decoder, ids, embs, parsed, seq_len, min_seq_len)  # (mask, view, setting) -> token ids
     samples = [(si, s) for si, s in enumerate(parsed) if s.kind != "beam"]
+    if samples:
+        decode_kw = {"seq_len": seq_len, "min_seq_len": min_seq_len, "temperature": temperature,
+                     "min_masks": min_masks, "max_masks": max_masks}
+        results.update(_sample_rows(decoder, ids, embs, latents, samples, (seed, image_key, mask_indices),
+                                    distinctive, decode_kw, max_rows))
+    return [[_candidate(results[(i, v, si)], v, s.name, ids, decode, mode) for v in range(v_)
+             for si, s in enumerate(parsed)] for i in range(n_)]
+
+
+def _beam_rows(decoder: CocaDecoder, ids: TokenIds, embs: torch.Tensor, parsed: list[DecodeSetting], seq_len: int,
+               min_seq_len: int) -> dict[tuple[int, int, int], list[int]]:
+    """Token ids of the beam settings of (V, N, T, W) image tokens, keyed (mask, view, setting index), through the
+    decoder's beam memo (beam search has no noise: both modes and every seed of an image give the same beams)."""
+    v_, n_ = embs.shape[:2]
+    results: dict[tuple[int, int, int], list[int]] = {}
     embs_hash = None
-    for si, s in beams:
+    for si, s in enumerate(parsed):
+        if s.kind != "beam":
+            continue
         crops = embs.reshape(v_ * n_, *embs.shape[2:])
         if embs_hash is None:
             embs_hash = hashlib.blake2b(crops.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
@@ -133,39 +148,45 @@ def generate_candidates(
         seqs = [list(q) for q in seqs]
         for r, seq in enumerate(seqs):
             results[(r % n_, r // n_, si)] = seq
-    if samples:
-        # chunks of (views x settings) with at most max_rows decoder rows (N rows per prefix with contrast)
-        contrast = distinctive and min_masks <= n_ <= max_masks
-        per_setting = n_ * (n_ if contrast else 1)
-        s_chunk = max(1, min(len(samples), max_rows // per_setting))
-        v_chunk = max(1, max_rows // (per_setting * len(samples))) if s_chunk == len(samples) else 1
-        for v0 in range(0, v_, v_chunk):
-            vs = list(range(v0, min(v_, v0 + v_chunk)))
-            for s0 in range(0, len(samples), s_chunk):
-                part = samples[s0: s0 + s_chunk]
-                keys = np.array([[[row_key(seed, image_key, mask_indices[i], v, s.name) for i in range(n_)]
-                                  for _, s in part] for v in vs], dtype=np.uint64)
-                res = sample_captions(decoder, ids, embs[vs], latents[vs], [s for _, s in part], keys,
-                                      distinctive=distinctive, seq_len=seq_len, min_seq_len=min_seq_len,
-                                      temperature=temperature, min_masks=min_masks, max_masks=max_masks)
-                toks = res.tokens.cpu()
-                for a, v in enumerate(vs):
-                    for b, (si, _) in enumerate(part):
-                        for i in range(n_):
-                            results[(i, v, si)] = toks[a, b, i].tolist()
+    return results
 
-    out = []
-    for i in range(n_):
-        cands = []
-        for v in range(v_):
-            for si, s in enumerate(parsed):
-                words = strip_special(results[(i, v, si)], ids)
-                cand = {"tokens": words, "view": v, "setting": s.name, "mode": mode}
-                if decode is not None:
-                    cand["text"] = decode(words)
-                cands.append(cand)
-        out.append(cands)
-    return out
+
+def _sample_rows(decoder: CocaDecoder, ids: TokenIds, embs: torch.Tensor, latents: torch.Tensor,
+                 samples: list[tuple[int, DecodeSetting]], noise: tuple, distinctive: bool, decode_kw: dict,
+                 max_rows: int) -> dict[tuple[int, int, int], list[int]]:
+    """Token ids of the sample / greedy settings, keyed (mask, view, setting index), decoded in chunks of
+    (views x settings) with at most ``max_rows`` decoder rows (N rows per prefix with the contrast).
+    ``noise`` = (seed, image_key, mask_indices) of the rows' noise keys."""
+    seed, image_key, mask_indices = noise
+    v_, n_ = embs.shape[:2]
+    contrast = distinctive and decode_kw["min_masks"] <= n_ <= decode_kw["max_masks"]
+    per_setting = n_ * (n_ if contrast else 1)
+    s_chunk = max(1, min(len(samples), max_rows // per_setting))
+    v_chunk = max(1, max_rows // (per_setting * len(samples))) if s_chunk == len(samples) else 1
+    results: dict[tuple[int, int, int], list[int]] = {}
+    for v0 in range(0, v_, v_chunk):
+        vs = list(range(v0, min(v_, v0 + v_chunk)))
+        for s0 in range(0, len(samples), s_chunk):
+            part = samples[s0: s0 + s_chunk]
+            keys = np.array([[[row_key(seed, image_key, mask_indices[i], v, s.name) for i in range(n_)]
+                              for _, s in part] for v in vs], dtype=np.uint64)
+            res = sample_captions(decoder, ids, embs[vs], latents[vs], [s for _, s in part], keys,
+                                  distinctive=distinctive, **decode_kw)
+            toks = res.tokens.cpu()
+            for a, v in enumerate(vs):
+                for b, (si, _) in enumerate(part):
+                    for i in range(n_):
+                        results[(i, v, si)] = toks[a, b, i].tolist()
+    return results
+
+
+def _candidate(tokens: list[int], view: int, setting: str, ids: TokenIds, decode, mode: str) -> dict:
+    """One candidate record: word ids, view, setting name, mode, and the text when a tokenizer decodes."""
+    words = strip_special(tokens, ids)
+    cand = {"tokens": words, "view": view, "setting": setting, "mode": mode}
+    if decode is not None:
+        cand["text"] = decode(words)
+    return cand
 
 
 __all__ = [

@@ -84,9 +84,21 @@ def sample_captions(
     ``z_i`` and the ``s_ij``-weighted mixture of the others gives the contrast term (mixed before the
     linear output projection). See :class:`~ris_utils.captioning.processors.DistinctiveContrast`.
     """
+    keys = _checked_keys(image_embs, settings, keys, seq_len, min_seq_len)
+    decoder.check_length(seq_len)
+    n_ = image_embs.shape[1]
+    contrast = bool(distinctive) and min_masks <= n_ <= max_masks
+    run = _Sampler(decoder, ids, image_embs, image_latents if contrast else None, settings, keys, seq_len,
+                   min_seq_len, temperature)
+    return SampleResult(run.decode(), contrast)
+
+
+def _checked_keys(image_embs: torch.Tensor, settings: list[DecodeSetting], keys, seq_len: int,
+                  min_seq_len: int) -> np.ndarray:
+    """The (V, S, N) uint64 noise keys of a :func:`sample_captions` call, after checking its shapes and settings."""
     if image_embs.dim() != 4:
         raise ValueError(f"image_embs must be (V, N, n_tokens, W), got shape {tuple(image_embs.shape)}")
-    v_, n_, t_, w_ = image_embs.shape
+    v_, n_ = image_embs.shape[:2]
     s_ = len(settings)
     for s in settings:
         if s.kind not in ("sample", "greedy"):
@@ -96,62 +108,84 @@ def sample_captions(
         raise ValueError(f"keys must have shape (V, S, N) = {(v_, s_, n_)}, got {keys.shape}")
     if seq_len <= min_seq_len:
         raise ValueError(f"seq_len ({seq_len}) must be larger than min_seq_len ({min_seq_len})")
-    decoder.check_length(seq_len)
-    contrast = bool(distinctive) and min_masks <= n_ <= max_masks
-    r_ = v_ * s_ * n_
-    dev = decoder.device
+    return keys
 
-    # per-row settings, rows ordered (view, setting, mask)
-    row_k = [s.top_k for s in settings for _ in range(n_)] * v_
-    row_p = [s.top_p for s in settings for _ in range(n_)] * v_
-    greedy = torch.tensor([s.kind == "greedy" for s in settings for _ in range(n_)] * v_, device=dev)
-    sampling_set = SamplingSetProcessor(row_k, row_p)
-    min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
-    rule = DistinctiveContrast(ids.eot, temperature)
-    flat_keys = keys.reshape(-1)
 
-    tcache = decoder.new_text_cache(r_, seq_len)
-    if contrast:
-        cross = decoder.cross_kv(image_embs.reshape(v_ * n_, t_, w_))  # crops (v, j)
-        dcache = decoder.new_decoder_cache(v_ * n_ * s_ * n_, seq_len)
-        weights = similarity_weights(image_latents)  # (V, N_i, N_j)
-    else:
-        cross = decoder.cross_kv(image_embs.reshape(v_ * n_, t_, w_))  # crops (v, i)
-        dcache = decoder.new_decoder_cache(r_, seq_len)
+class _Sampler:
+    """One :func:`sample_captions` call: R = V*S*N rows ordered (view, setting, mask), their caches and rules.
 
-    tokens = torch.full((r_, seq_len), ids.pad, dtype=torch.long, device=dev)
-    tokens[:, 0] = ids.sot
-    done = torch.zeros(r_, dtype=torch.bool, device=dev)
-    for pos in range(seq_len - 1):
-        e = decoder.text_step(tokens[:, pos], pos, tcache)  # (R, W)
-        if contrast:
-            x = e.view(v_, 1, s_ * n_, w_).expand(v_, n_, s_ * n_, w_).reshape(v_ * n_, s_ * n_, w_)
-            h = decoder.decoder_step(x, pos, dcache, cross).view(v_, n_, s_, n_, w_)  # (V, Nj, S, Ni, W)
-            h = h.permute(0, 2, 3, 1, 4)  # (V, S, Ni, Nj, W)
-            own = torch.diagonal(h, dim1=2, dim2=3).permute(0, 1, 3, 2)  # (V, S, N, W)
-            mix = torch.einsum("vsijw,vij->vsiw", h, weights)  # (1/(N-1)) sum_{j!=i} s_ij h_j
-            z = decoder.project(own).reshape(r_, -1)
-            c = decoder.project(mix).reshape(r_, -1)
-        else:
-            x = e.view(v_, s_, n_, w_).permute(0, 2, 1, 3).reshape(v_ * n_, s_, w_)
-            h = decoder.decoder_step(x, pos, dcache, cross).view(v_, n_, s_, w_).permute(0, 2, 1, 3)
-            z = decoder.project(h).reshape(r_, -1)
-        prefix = tokens[:, : pos + 1]
-        if pos + 2 == seq_len:  # open_clip: the last position is always EOT
-            nxt = torch.full((r_,), ids.eot, dtype=torch.long, device=dev)
-        else:
-            z = min_len(prefix, z.float())
-            removed = sampling_set.removed(z)
-            zf = z.masked_fill(removed, FILTER_VALUE)
-            if contrast:
-                probs = rule(prefix, zf, c.float(), removed)
+    ``latents`` (V, N, E) given = the contrast term is on: the decoder runs each prefix under all N crops of its
+    view (V*N crops x S*N queries); otherwise once per row under its own crop.
+    """
+
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, image_embs: torch.Tensor, latents: torch.Tensor | None,
+                 settings: list[DecodeSetting], keys: np.ndarray, seq_len: int, min_seq_len: int,
+                 temperature: float):
+        v_, n_, t_, w_ = image_embs.shape
+        s_ = len(settings)
+        self.decoder, self.ids, self.seq_len = decoder, ids, seq_len
+        self.dims, self.rows, self.dev = (v_, s_, n_, w_), v_ * s_ * n_, decoder.device
+        # per-row settings, rows ordered (view, setting, mask)
+        row_k = [s.top_k for s in settings for _ in range(n_)] * v_
+        row_p = [s.top_p for s in settings for _ in range(n_)] * v_
+        self.greedy = torch.tensor([s.kind == "greedy" for s in settings for _ in range(n_)] * v_, device=self.dev)
+        self.sampling_set = SamplingSetProcessor(row_k, row_p)
+        self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
+        self.rule = DistinctiveContrast(ids.eot, temperature)
+        self.flat_keys = keys.reshape(-1)
+        self.tcache = decoder.new_text_cache(self.rows, seq_len)
+        self.contrast = latents is not None
+        self.cross = decoder.cross_kv(image_embs.reshape(v_ * n_, t_, w_))  # crops (v, j), or (v, i) without contrast
+        self.dcache = decoder.new_decoder_cache(v_ * n_ * s_ * n_ if self.contrast else self.rows, seq_len)
+        self.weights = similarity_weights(latents) if self.contrast else None  # (V, N_i, N_j)
+
+    def decode(self) -> torch.Tensor:
+        """Tokens (V, S, N, seq_len): ``[sot, ..., eot, pad...]``."""
+        ids, r_, dev, seq_len = self.ids, self.rows, self.dev, self.seq_len
+        tokens = torch.full((r_, seq_len), ids.pad, dtype=torch.long, device=dev)
+        tokens[:, 0] = ids.sot
+        done = torch.zeros(r_, dtype=torch.bool, device=dev)
+        for pos in range(seq_len - 1):
+            z, c = self.logits(tokens[:, pos], pos)
+            prefix = tokens[:, : pos + 1]
+            if pos + 2 == seq_len:  # open_clip: the last position is always EOT
+                nxt = torch.full((r_,), ids.eot, dtype=torch.long, device=dev)
             else:
-                probs = torch.softmax(zf / rule.temperature, dim=-1)
-            nxt = sample_inverse_cdf(probs, keyed_uniform(flat_keys, pos).to(dev))
-            nxt = torch.where(greedy, probs.argmax(dim=-1), nxt)
-        nxt = torch.where(done, torch.full_like(nxt, ids.pad), nxt)
-        tokens[:, pos + 1] = nxt
-        done |= (nxt == ids.eot) | (nxt == ids.pad)
-        if bool(done.all()):
-            break
-    return SampleResult(tokens.view(v_, s_, n_, seq_len), contrast)
+                nxt = self.choose(prefix, z, c, pos)
+            nxt = torch.where(done, torch.full_like(nxt, ids.pad), nxt)
+            tokens[:, pos + 1] = nxt
+            done |= (nxt == ids.eot) | (nxt == ids.pad)
+            if bool(done.all()):
+                break
+        v_, s_, n_, _ = self.dims
+        return tokens.view(v_, s_, n_, seq_len)
+
+    def logits(self, last: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, vocab) logits ``z`` of every row's own crop and, with the contrast, the ``s_ij``-weighted mixture
+        ``c`` of the other crops' (mixed before the linear output projection); ``c`` is None without it."""
+        v_, s_, n_, w_ = self.dims
+        decoder, r_ = self.decoder, self.rows
+        e = decoder.text_step(last, pos, self.tcache)  # (R, W)
+        if not self.contrast:
+            x = e.view(v_, s_, n_, w_).permute(0, 2, 1, 3).reshape(v_ * n_, s_, w_)
+            h = decoder.decoder_step(x, pos, self.dcache, self.cross).view(v_, n_, s_, w_).permute(0, 2, 1, 3)
+            return decoder.project(h).reshape(r_, -1), None
+        x = e.view(v_, 1, s_ * n_, w_).expand(v_, n_, s_ * n_, w_).reshape(v_ * n_, s_ * n_, w_)
+        h = decoder.decoder_step(x, pos, self.dcache, self.cross).view(v_, n_, s_, n_, w_)  # (V, Nj, S, Ni, W)
+        h = h.permute(0, 2, 3, 1, 4)  # (V, S, Ni, Nj, W)
+        own = torch.diagonal(h, dim1=2, dim2=3).permute(0, 1, 3, 2)  # (V, S, N, W)
+        mix = torch.einsum("vsijw,vij->vsiw", h, self.weights)  # (1/(N-1)) sum_{j!=i} s_ij h_j
+        return decoder.project(own).reshape(r_, -1), decoder.project(mix).reshape(r_, -1)
+
+    def choose(self, prefix: torch.Tensor, z: torch.Tensor, c: torch.Tensor | None, pos: int) -> torch.Tensor:
+        """The next token of every row: min-length rule, top-k / top-p set, the contrast rule (when ``c`` is
+        given) or a plain softmax, keyed inverse-CDF sampling (argmax for greedy rows)."""
+        z = self.min_len(prefix, z.float())
+        removed = self.sampling_set.removed(z)
+        zf = z.masked_fill(removed, FILTER_VALUE)
+        if c is not None:
+            probs = self.rule(prefix, zf, c.float(), removed)
+        else:
+            probs = torch.softmax(zf / self.rule.temperature, dim=-1)
+        nxt = sample_inverse_cdf(probs, keyed_uniform(self.flat_keys, pos).to(self.dev))
+        return torch.where(self.greedy, probs.argmax(dim=-1), nxt)
