@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,6 @@ import torch
 from ris_utils.captioning import (
     CocaDecoder,
     DecodeSetting,
-    DistinctiveContrast,
     MinLengthLogitsProcessor,
     SamplingSetProcessor,
     TemperatureLogitsProcessor,
@@ -25,9 +22,7 @@ from ris_utils.captioning import (
     row_key,
     sample_captions,
     sample_inverse_cdf,
-    similarity_weights,
 )
-from ris_utils.captioning.processors import FILTER_VALUE
 from ris_utils.captioning.reference import full_logits, reference_sample_row
 from ris_utils.captioning.tiny import random_coca
 
@@ -392,35 +387,6 @@ def test_processor_arguments_validated_with_names():
     with pytest.raises(ValueError, match="unique names"):
         parse_settings(["top_k=5", {"top_k": 5}])
     assert [s.name for s in parse_settings(["beam", {"top_k": 5}, {"top_p": 0.4}])] == ["beam", "top_k=5", "top_p=0.4"]
-
-
-def test_distinctive_rule_worked_by_hand_from_the_paper_equation():
-    """Pseudo-RIS Sec. 3.2 for target mask 0 of N = 3, T = 1, eot = token 0, top-k = 3, on numbers chosen so the
-    softmaxes are fractions: z'_0 = z_0 - 1/(N-1) sum_{j!=0} s_0j z_j on the sampling set, p = softmax(z'_0)
-    with p[eot] <- softmax(z_0)[eot], renormalised.
-
-    cos sims: crops 0 and 2 identical (s_02 = 1), crop 1 at 60 degrees (s_01 = 1/2), so w_0 = (0, 1/4, 1/2).
-    z_0 = (0, 2 ln2, 2 ln2, -1): the top-3 set drops token 3.  c_0 = z_1 / 4 + z_2 / 2 = (0, ln2, ln2, *) with
-    z_1 = (0, 4 ln2, 0, 0), z_2 = (0, 0, 2 ln2, 0).  z'_0 = (0, ln2, ln2, -inf) -> softmax (1/5, 2/5, 2/5, 0);
-    softmax(z_0) on the set = (1, 4, 4) / 9, so p[eot] <- 1/9: (1/9, 2/5, 2/5, 0) / (41/45) = (5, 18, 18, 0) / 41.
-    """
-    ln2 = math.log(2.0)
-    latents = torch.tensor([[[1.0, 0.0], [0.5, math.sqrt(3.0) / 2], [1.0, 0.0]]])  # (V=1, N=3, E=2)
-    w = similarity_weights(latents)[0]
-    assert torch.allclose(w[0], torch.tensor([0.0, 0.25, 0.5]))
-    z = torch.tensor([[0.0, 2 * ln2, 2 * ln2, -1.0], [0.0, 4 * ln2, 0.0, 0.0], [0.0, 0.0, 2 * ln2, 0.0]])
-    removed = SamplingSetProcessor([3], [1.0]).removed(z[:1])
-    assert removed.tolist() == [[False, False, False, True]]
-    c = (w[0] @ z).unsqueeze(0)  # the decoder mixes the other crops' states the same way (linear projection)
-    p = DistinctiveContrast(eos_token_id=0)(None, z[:1].masked_fill(removed, FILTER_VALUE), c, removed)[0]
-    assert torch.allclose(p, torch.tensor([5 / 41, 18 / 41, 18 / 41, 0.0]), atol=1e-6)
-    # the keyed inverse CDF draws from exactly these probabilities: cumulative (5, 23, 41) / 41
-    u = torch.tensor([0.12, 0.13, 0.56, 0.57])
-    assert sample_inverse_cdf(p.expand(4, 4), u).tolist() == [0, 1, 1, 2]
-    # vanishing probabilities fall back to the target-only distribution
-    zf = z[:1].masked_fill(removed, FILTER_VALUE)
-    bad = DistinctiveContrast(eos_token_id=0)(None, zf, torch.full_like(c, float("nan")), removed)[0]
-    assert torch.allclose(bad, torch.tensor([1 / 9, 4 / 9, 4 / 9, 0.0]), atol=1e-6)
 
 
 def test_generate_candidates_shape_and_records(coca):

@@ -12,7 +12,7 @@ No KV cache: every step re-runs the whole prefix through open_clip's own modules
   from a second decoder pass over (rows x (N-1)) repeated prefixes.
 
 Both apply the contrast rule itself through :class:`~ris_utils.captioning.processors.DistinctiveContrast` (the
-one copy of its lines; ``tests/test_decoding.py`` checks it against a case worked by hand from the paper's
+one copy of its lines; ``tests/test_distinctive_by_hand.py`` checks it against cases worked by hand from the paper's
 equation), so what they check is everything around the rule: the KV cache, the batching of masks x views x
 settings, the mixing of ``c_i`` before the output projection, the keyed noise.
 """
