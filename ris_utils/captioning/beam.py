@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import BEAM_HYPOTHESES, CocaDecoder, TokenIds
+from .decoder import BEAM_HYPOTHESES, MIN_SEQ_LEN, SEQ_LEN, CocaDecoder, TokenIds
 from .processors import MinLengthLogitsProcessor
 
 
@@ -43,8 +43,8 @@ def beam_search(
     *,
     num_beams: int = 6,
     num_beam_groups: int = 3,
-    seq_len: int = 30,
-    min_seq_len: int = 5,
+    seq_len: int = SEQ_LEN,
+    min_seq_len: int = MIN_SEQ_LEN,
     diversity_penalty: float = 0.0,
     length_penalty: float = 1.0,
     hypotheses: str = "per_group",

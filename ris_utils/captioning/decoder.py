@@ -18,6 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..settings import N_RANGE, Beam, Captions
+
+#: open_clip ``generate``'s lengths (the authors'): at most 30 tokens, at least 5 before eot; written once in
+#: :class:`ris_utils.settings.Captions` (``captions.seq_len`` / ``captions.min_seq_len``)
+SEQ_LEN, MIN_SEQ_LEN = Captions.seq_len, Captions.min_seq_len
+#: the contrast term only for images with 2 <= N <= 30 masks (the authors'; ``captions.n_range``)
+MIN_MASKS, MAX_MASKS = N_RANGE
+#: softmax temperature (``captions.temperature``)
+TEMPERATURE = Captions.temperature
+
 # -------------------------------------------------------------------------------------------- token ids
 
 
@@ -83,8 +93,8 @@ class DecodeSetting:
     name: str
     top_k: int = 0
     top_p: float = 1.0
-    num_beams: int = 6
-    num_beam_groups: int = 3
+    num_beams: int = Beam.num_beams
+    num_beam_groups: int = Beam.num_beam_groups
     diversity_penalty: float = 0.0
     length_penalty: float = 1.0
     hypotheses: str = "per_group"
@@ -123,7 +133,7 @@ class DecodeSetting:
         if kind not in ("beam", "sample", "greedy"):
             raise ValueError(f"decoding setting {spec!r}: kind must be beam, sample or greedy, got {kind!r}")
         kw = {k: v for k, v in spec.items() if k not in ("kind", "name")}
-        top_k, top_p = int(kw.get("top_k", 0)), float(kw.get("top_p", 1.0))
+        top_k, top_p = int(kw.get("top_k", cls.top_k)), float(kw.get("top_p", cls.top_p))
         if kind == "sample":
             if (top_k > 0) == (top_p < 1.0):
                 raise ValueError(f"decoding setting {spec!r}: a sample setting needs exactly one of "
@@ -134,11 +144,11 @@ class DecodeSetting:
         else:
             default = kind
         if kind == "beam":
-            nb, ng = int(kw.get("num_beams", 6)), int(kw.get("num_beam_groups", 3))
+            nb, ng = int(kw.get("num_beams", cls.num_beams)), int(kw.get("num_beam_groups", cls.num_beam_groups))
             if nb < 2 or ng < 1 or nb % ng or nb // ng < 1:
                 raise ValueError(f"decoding setting {spec!r}: num_beams ({nb}) must be >= 2 and divisible by "
                                  f"num_beam_groups ({ng})")
-            if kw.get("hypotheses", "per_group") not in BEAM_HYPOTHESES:
+            if kw.get("hypotheses", cls.hypotheses) not in BEAM_HYPOTHESES:
                 raise ValueError(f"decoding setting {spec!r}: hypotheses must be one of {BEAM_HYPOTHESES}")
         return cls(kind=kind, name=str(spec.get("name", default)), **kw)
 

@@ -34,7 +34,19 @@ import numpy as np
 import torch
 
 from .beam import beam_search
-from .decoder import CocaDecoder, CrossKV, DecodeSetting, KVCache, TokenIds, parse_settings
+from .decoder import (
+    MAX_MASKS,
+    MIN_MASKS,
+    MIN_SEQ_LEN,
+    SEQ_LEN,
+    TEMPERATURE,
+    CocaDecoder,
+    CrossKV,
+    DecodeSetting,
+    KVCache,
+    TokenIds,
+    parse_settings,
+)
 from .noise import row_key
 from .sampling import SampleResult, sample_captions, similarity_weights
 
@@ -62,11 +74,11 @@ def generate_candidates(
     distinctive: bool,
     seed: int,
     image_key,
-    seq_len: int = 30,
-    min_seq_len: int = 5,
-    temperature: float = 1.0,
-    min_masks: int = 2,
-    max_masks: int = 30,
+    seq_len: int = SEQ_LEN,
+    min_seq_len: int = MIN_SEQ_LEN,
+    temperature: float = TEMPERATURE,
+    min_masks: int = MIN_MASKS,
+    max_masks: int = MAX_MASKS,
     max_rows: int = 16384,
     mask_indices=None,
     decoder: CocaDecoder | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder import DecodeSetting, TokenIds
+from .decoder import MAX_MASKS, MIN_MASKS, MIN_SEQ_LEN, SEQ_LEN, TEMPERATURE, DecodeSetting, TokenIds
 from .noise import keyed_uniform, sample_inverse_cdf
 from .processors import FILTER_VALUE, DistinctiveContrast, MinLengthLogitsProcessor, SamplingSetProcessor
 
@@ -44,9 +44,9 @@ def _set_and_plain(z, prefix, setting: DecodeSetting, ids: TokenIds, min_seq_len
 
 @torch.no_grad()
 def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_latents: torch.Tensor, i: int,
-                         setting: DecodeSetting, key: int, *, distinctive: bool, seq_len: int = 30,
-                         min_seq_len: int = 5, temperature: float = 1.0, min_masks: int = 2,
-                         max_masks: int = 30) -> list[int]:
+                         setting: DecodeSetting, key: int, *, distinctive: bool, seq_len: int = SEQ_LEN,
+                         min_seq_len: int = MIN_SEQ_LEN, temperature: float = TEMPERATURE, min_masks: int = MIN_MASKS,
+                         max_masks: int = MAX_MASKS) -> list[int]:
     """One caption for mask ``i`` of one view, unbatched and without cache.
 
     Arguments:
@@ -90,9 +90,9 @@ def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_l
 
 @torch.no_grad()
 def reference_sample_image_authors(model, ids: TokenIds, images: torch.Tensor, settings: list[DecodeSetting],
-                                   keys: np.ndarray, *, distinctive: bool, seq_len: int = 30,
-                                   min_seq_len: int = 5, temperature: float = 1.0, min_masks: int = 2,
-                                   max_masks: int = 30) -> torch.Tensor:
+                                   keys: np.ndarray, *, distinctive: bool, seq_len: int = SEQ_LEN,
+                                   min_seq_len: int = MIN_SEQ_LEN, temperature: float = TEMPERATURE, min_masks: int = MIN_MASKS,
+                                   max_masks: int = MAX_MASKS) -> torch.Tensor:
     """Authors-shaped sampling for the N crops of ONE view: rows (setting, mask), full recompute per step.
 
     Arguments:

@@ -9,7 +9,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoder import CocaDecoder, DecodeSetting, TokenIds
+from .decoder import (
+    MAX_MASKS,
+    MIN_MASKS,
+    MIN_SEQ_LEN,
+    SEQ_LEN,
+    TEMPERATURE,
+    CocaDecoder,
+    DecodeSetting,
+    TokenIds,
+)
 from .noise import keyed_uniform, sample_inverse_cdf
 from .processors import FILTER_VALUE, DistinctiveContrast, MinLengthLogitsProcessor, SamplingSetProcessor
 
@@ -46,11 +55,11 @@ def sample_captions(
     keys: np.ndarray,
     *,
     distinctive: bool,
-    seq_len: int = 30,
-    min_seq_len: int = 5,
-    temperature: float = 1.0,
-    min_masks: int = 2,
-    max_masks: int = 30,
+    seq_len: int = SEQ_LEN,
+    min_seq_len: int = MIN_SEQ_LEN,
+    temperature: float = TEMPERATURE,
+    min_masks: int = MIN_MASKS,
+    max_masks: int = MAX_MASKS,
 ) -> SampleResult:
     r"""Sample one caption per (view, setting, mask) of ONE image, all rows in one batch.
 

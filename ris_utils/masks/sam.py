@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from ..models import resolve_device
+from ..settings import complete
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def build_sam_generator(cfg: dict):
     """
     from segment_anything import SamAutomaticMaskGenerator
 
+    cfg = complete("masks", cfg)
     amg = dict(cfg.get("amg") or {})
     allowed = set(inspect.signature(SamAutomaticMaskGenerator.__init__).parameters) - {"self", "model"}
     unknown = set(amg) - allowed
@@ -175,11 +177,11 @@ def build_sam_generator(cfg: dict):
                          f"allowed: {sorted(allowed)}")
     if amg.pop("output_mode", "coco_rle") != "coco_rle":
         raise ValueError("masks.amg.output_mode must be coco_rle (records store COCO RLE)")
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg["device"])
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         import torch
 
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    sam = build_sam(cfg.get("sam_variant", "vit_h"), cfg.get("checkpoint"), device=device,
-                    random_init=bool(cfg.get("random_init", False)), seed=int(cfg.get("seed", 0)))
+    sam = build_sam(cfg["sam_variant"], cfg["checkpoint"], device=device, random_init=bool(cfg["random_init"]),
+                    seed=int(cfg["seed"]))
     return SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **amg)

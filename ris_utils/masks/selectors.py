@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..settings import Masks
 from .proposals import Proposal, dedup_exact, inside_matrix, iou_matrix, str_rle
 
 
@@ -117,7 +118,8 @@ def make_selector(cfg: dict | None) -> Callable[[list[Proposal], tuple[int, int]
     return select
 
 
-def load_external_masks(path: str | os.PathLike, *, min_score: float = 0.5, max_per_image: int = 100) -> dict:
+def load_external_masks(path: str | os.PathLike, *, min_score: float = Masks.external_min_score,
+                        max_per_image: int = Masks.external_max_per_image) -> dict:
     """External instance masks from a COCO results json (``[{"image_id", "segmentation", "score"}, ...]``,
     e.g. CutLER's detections): ``{image_id: [rle, ...]}`` keeping score >= ``min_score`` and at most
     ``max_per_image`` best per image (the paper: score >= 0.5, <= 100 detections)."""

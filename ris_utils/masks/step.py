@@ -19,7 +19,9 @@ import numpy as np
 from .. import engine
 from ..data.refer import load_refer
 from ..images import MAX_PIXELS, display_path, load_image_rgb
+from ..layout import masks_dir
 from ..profiles import parse_params, step_config
+from ..settings import complete
 from .components import ComponentsSegmenter
 from .proposals import Proposal, dedup_exact, proposal_from_ann
 from .sam import CheckpointError, build_sam_generator
@@ -59,7 +61,8 @@ def propose_masks(image: np.ndarray, backend, selector=None, external: list[dict
 
 def build_backend(cfg: dict):
     """The backend of a ``masks`` config (builds SAM here, so checkpoint problems fail before any image)."""
-    backend = cfg.get("backend", "sam")
+    cfg = complete("masks", cfg)
+    backend = cfg["backend"]
     if backend == "sam":
         return build_sam_generator(cfg)
     if backend == "components":
@@ -74,15 +77,17 @@ OUTPUT_KEYS = ("backend", "sam_variant", "checkpoint", "random_init", "amg", "se
 
 def make_step_fn(cfg: dict) -> Callable[[dict], dict]:
     """``fn(item) -> {"path", "height", "width", "proposals"}`` for :func:`ris_utils.engine.run`; builds the backend,
-    the selector and the external masks NOW (fail fast)."""
+    the selector and the external masks NOW (fail fast). Settings missing from ``cfg`` take their defaults
+    (:class:`ris_utils.settings.Masks`)."""
+    cfg = complete("masks", cfg)
     backend = build_backend(cfg)
     selector = make_selector(cfg.get("selector"))
     external = None
-    if cfg.get("external_masks"):
-        external = load_external_masks(cfg["external_masks"], min_score=float(cfg.get("external_min_score", 0.5)),
-                                       max_per_image=int(cfg.get("external_max_per_image", 100)))
-    min_side = int(cfg.get("min_side", 8))
-    max_pixels = check_max_pixels(cfg.get("max_pixels", MAX_PIXELS))
+    if cfg["external_masks"]:
+        external = load_external_masks(cfg["external_masks"], min_score=float(cfg["external_min_score"]),
+                                       max_per_image=int(cfg["external_max_per_image"]))
+    min_side = int(cfg["min_side"])
+    max_pixels = check_max_pixels(cfg["max_pixels"])
 
     def fn(item: dict) -> dict:
         image = load_image_rgb(item["path"], min_side=min_side, max_pixels=max_pixels)
@@ -102,9 +107,10 @@ def run_masks(cfg: dict, items: list[dict], out_dir: str | os.PathLike, *, fn: C
     ``fn``: a step function from :func:`make_step_fn` (same ``cfg``) to reuse a built model across splits;
     by default it is built here, before any image is read.
     """
+    cfg = complete("masks", cfg)
     fn = fn or make_step_fn(cfg)
-    conf = {k: cfg.get(k) for k in OUTPUT_KEYS}
-    return engine.run("masks", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=conf,
+    conf = {k: cfg.get(k) for k in OUTPUT_KEYS}  # option groups (amg, selector, components) may be absent
+    return engine.run("masks", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
                       desc="masks", progress=progress)
 
 
@@ -170,8 +176,8 @@ def split_items(cfg: dict, split: str) -> list[dict]:
 
 
 def output_dir_for(cfg: dict, split: str) -> Path:
-    """``<work_dir>/masks/<split>``."""
-    return Path(cfg["work_dir"]) / "masks" / split
+    """``<work_dir>/masks/<split>`` (:func:`ris_utils.layout.masks_dir`)."""
+    return masks_dir(cfg, split)
 
 
 def cli(argv: list[str] | None = None) -> int:

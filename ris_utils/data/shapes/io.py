@@ -16,13 +16,13 @@ import numpy as np
 from PIL import Image
 
 from ...profiles import step_config
+from ...settings import Data, Shared, complete
 from .. import refer
 from .language import referring_sentences
 from .render import make_scene, shape_mask
 from .world import (
     ANGULAR_SHAPES,
     DATASETS,
-    DEFAULT_N_IMAGES,
     DIRECTION_WORDS,
     IMAGE_SUBDIR,
     ROUND_SHAPES,
@@ -148,7 +148,7 @@ def _file_checksum(out_dir: Path) -> tuple[str, int]:
     return h.hexdigest(), len(files)
 
 
-def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128) -> dict:
+def generate_world(out_dir, n_images=None, seed: int = Shared.seed, image_size: int = Data.image_size) -> dict:
     """Generate the shapes world under ``out_dir`` (layout in the module docstring); returns statistics.
 
     Arguments:
@@ -162,7 +162,7 @@ def generate_world(out_dir, n_images=None, seed: int = 0, image_size: int = 128)
     """
     t0 = time.perf_counter()
     if n_images is None:
-        n_images = DEFAULT_N_IMAGES
+        n_images = Data().n_images
     counts = _split_counts(n_images)
     image_size = int(image_size)
     if image_size < 64:
@@ -373,9 +373,9 @@ def prepare(cfg: dict) -> dict:
         if d.get("name") not in DATASETS or d.get("split_by", SPLIT_BY) != SPLIT_BY:
             raise ValueError(f"data.datasets: the shapes world writes {list(DATASETS)} with split_by "
                              f"{SPLIT_BY!r}, got {d} (profile {cfg.get('profile')})")
-    counts = _split_counts(cfg.get("n_images") or DEFAULT_N_IMAGES)
-    settings = {"seed": int(cfg.get("seed", 0)), "n_images": counts, "image_size": int(cfg.get("image_size", 128)),
-                "code": _code_hash()}
+    cfg = complete("data", cfg)
+    counts = _split_counts(cfg["n_images"])
+    settings = {"seed": int(cfg["seed"]), "n_images": counts, "image_size": int(cfg["image_size"]), "code": _code_hash()}
     t0 = time.perf_counter()
     mp = root / "manifest.json"
     if mp.is_file():
@@ -435,6 +435,7 @@ def cli(argv: list[str] | None = None) -> int:
     else:
         if not args.out:
             ap.error("--out DIR (or --profile NAME) is required")
-        stats = generate_world(args.out, args.n_images or 950, args.seed or 0, args.image_size or 128)
+        total = sum(Data().n_images.values())  # 950, split by SPLIT_FRACTIONS
+        stats = generate_world(args.out, args.n_images or total, args.seed or Shared.seed, args.image_size or Data.image_size)
     print(json.dumps(stats, indent=1))
     return 0

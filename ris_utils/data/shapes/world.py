@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ... import layout
+
 WORLD_VERSION = 2  # 2: images under images/train2014 + the REFER toolkit view
 DATASETS = ("shapes", "shapes+", "shapes-unseen")
 SPLIT_BY = "shapes"
 #: where the images are, relative to the data root (the REFER toolkit's image folder for RefCOCO-family names)
-IMAGE_SUBDIR = "images/train2014"
+IMAGE_SUBDIR = layout.IMAGE_SUBDIR
 #: the REFER toolkit's names of the three datasets: ``{toolkit dataset: (our dataset, toolkit split_by)}``
 TOOLKIT_VIEW = {"refcoco": ("shapes", "unc"), "refcoco+": ("shapes+", "unc"), "refcocog": ("shapes-unseen", "umd")}
 SPLITS = ("train", "val", "testA", "testB")
 #: fractions used when one total image count is given (CLI ``--n-images N``)
 SPLIT_FRACTIONS = {"train": 0.64, "val": 0.16, "testA": 0.10, "testB": 0.10}
-#: images per split when a run does not say (``data.n_images`` of the shapes profile)
-DEFAULT_N_IMAGES = {"train": 600, "val": 150, "testA": 100, "testB": 100}
 
 ROUND_SHAPES = ("circle", "ring")
 ANGULAR_SHAPES = ("square", "diamond", "triangle", "hexagon", "star", "cross")
