@@ -173,8 +173,8 @@ def build_clip(cfg: dict, device=None):
     import open_clip
     import torch
 
-    ccfg = dict(cfg.get("clip") or {})
-    name = ccfg.get("model")
+    ccfg = settings.group(settings.Clip, cfg.get("clip"), "filter.clip")
+    name = ccfg["model"]
     if not name:
         raise ValueError("filter.clip.model is not set: name an open_clip model (RN50) or one of our configs")
     register_open_clip_configs()
@@ -206,7 +206,7 @@ def build_clip(cfg: dict, device=None):
                                f"{ccfg.get('pretrained')!r} ({type(e).__name__}: {e}); the paper's weights need "
                                f"`python -m ris_utils download` (internet)") from e
     model = model.to(device).eval()
-    tok_spec = ccfg.get("tokenizer") or "open_clip"
+    tok_spec = ccfg["tokenizer"]
     ctx = getattr(model, "context_length", None)
     tokenizer = build_tokenizer(tok_spec, model_name=name, context_length=ctx)
     return model, tokenizer, model_view_settings(model)

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ris_utils import engine, layout, settings
-from ris_utils.data import refer
+from ris_utils.data import refer, shapes
 from ris_utils.fileio import StagedDir
 from ris_utils.formats import parse_formats, write_formats
 from ris_utils.layout import IMAGE_SUBDIR
@@ -328,8 +328,6 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
       ``{"per_sample": mean over refs of the distinct share, "per_sentence": distinct / sentences,
       "refs": n, "sentences": n, "sentences_per_ref": mean}``.
     """
-    from ris_utils.data import shapes
-
     per_ref, n_sent, n_dist = [], 0, 0
     for rec in records:
         if rec.get("status", "ok") != "ok":
@@ -507,7 +505,6 @@ def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: floa
 
 def cli_export(argv: list[str] | None = None) -> int:
     """``python -m ris_utils export --candidates DIR --out DIR [--dataset NAME --split-by NAME]``."""
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils export", description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", required=True, help="filter (or captions, with --unfiltered) output folder")
     ap.add_argument("--out", required=True, help="export data root")
@@ -548,7 +545,6 @@ def cli_mix(argv: list[str] | None = None) -> int:
     Defaults of ``--human-dataset`` / ``--human-split-by`` / ``--fraction`` / ``--seed`` come from the profile's
     ``export.mix`` section (shapes: ``shapes+`` / ``shapes``; paper: ``refcoco+`` / ``unc``).
     """
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils mix", description="semi-supervised mix (human + pseudo)")
     ap.add_argument("--pseudo", required=True, help="an export folder (holds dataset_card.json)")
     ap.add_argument("--human", required=True, help="REFER data root of the human annotations")

@@ -29,7 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ris_utils import layout, settings
+from ris_utils import engine, layout, settings
+from ris_utils.captioning import CocaDecoder, TokenIds
+from ris_utils.captioning.decoding import beam_search
+from ris_utils.captioning.step import image_path, run_captions, view_kinds
+from ris_utils.captioning.tiny import random_coca
+from ris_utils.data import refer, shapes
+from ris_utils.filtering import (
+    degree_of_distinctiveness,
+    distinct_rates,
+    make_scorer,
+    run_filter,
+    select_survivors,
+)
+from ris_utils.images import load_image_rgb
+from ris_utils.profiles import step_config
+from ris_utils.train_captioner import load_captioner
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +55,6 @@ def _val_dirs(work_dir, mode: str, seed: int):
 
 def measure_box(ccfg: dict, fcfg: dict, modes=("naive", "distinctive"), progress: bool = False) -> dict:
     """Distinct rates (val, before / after the filter) with ``box: authors`` vs the profile's run."""
-    from ris_utils import engine
-    from ris_utils.captioning.step import run_captions
-    from ris_utils.data import shapes
-    from ris_utils.filtering import distinct_rates, make_scorer, run_filter
-    from ris_utils.train_captioner import load_captioner
-
     work = Path(ccfg["work_dir"])
     seed = int(ccfg["seed"])
     scenes = shapes.load_scenes(fcfg["data_root"])
@@ -69,7 +78,6 @@ def measure_box(ccfg: dict, fcfg: dict, modes=("naive", "distinctive"), progress
 
 
 def _beam_diff(decoder, ids, embs, nb: int, ng: int, seq_len: int, min_seq_len: int) -> tuple[int, int]:
-    from ris_utils.captioning.decoding import beam_search
 
     a = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len)
     b = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len,
@@ -81,13 +89,6 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
     """Share of beam captions that differ between ``hypotheses: shared`` and ``per_group``."""
     import torch
 
-    from ris_utils import engine
-    from ris_utils.captioning import CocaDecoder, TokenIds
-    from ris_utils.captioning.step import image_path, view_kinds
-    from ris_utils.captioning.tiny import random_coca
-    from ris_utils.data import refer
-    from ris_utils.images import load_image_rgb
-    from ris_utils.train_captioner import load_captioner
 
     beam = settings.group(settings.Beam, ccfg.get("beam"), "captions.beam")
     nb, ng = int(beam["num_beams"]), int(beam["num_beam_groups"])
@@ -122,9 +123,6 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
 
 def measure_precision(fcfg: dict, modes=("naive", "distinctive")) -> dict:
     """Keep flags that flip when the DoC is computed as the authors' fp16 CLIP would (emulated on CPU)."""
-    from ris_utils import engine
-    from ris_utils.filtering import degree_of_distinctiveness, select_survivors
-
     seed = int(fcfg["seed"])
     out = {}
     for mode in modes:
@@ -149,8 +147,6 @@ def measure_precision(fcfg: dict, modes=("naive", "distinctive")) -> dict:
 
 def measure_fallback(fcfg: dict, modes=("naive", "distinctive")) -> dict:
     """Masks that needed the fallback and the sentences each fallback rule gives them (val, caption seed)."""
-    from ris_utils import engine
-
     seed = int(fcfg["seed"])
     out = {}
     for mode in modes:
@@ -165,7 +161,6 @@ def measure_fallback(fcfg: dict, modes=("naive", "distinctive")) -> dict:
 
 
 def run(profile: str = "shapes", out=None, what=("box", "beam", "precision", "fallback"), progress=False) -> dict:
-    from ris_utils.profiles import step_config
 
     ccfg = step_config(profile, "captions")
     fcfg = step_config(profile, "filter")

@@ -277,11 +277,7 @@ def run_filter_jobs(cfg: dict, dirs: list[tuple[Path, Path]], workers: int | Non
 def head_noun_extractor(cfg: dict) -> HeadNounExtractor:
     """The profile's ``filter.head_noun`` extractor (``text -> noun``)."""
     hn = settings.group(settings.HeadNoun, cfg.get("head_noun"), "filter.head_noun")
-    return HeadNounExtractor(hn["backend"] or "auto", hn["spacy_model"] or "en_core_web_lg", hn["nouns"],
-                             rule=hn["rule"] or "authors")
-
-
-_extractor = head_noun_extractor  # the name notebook 03 used
+    return HeadNounExtractor(hn["backend"], hn["spacy_model"], hn["nouns"], rule=hn["rule"])
 
 
 def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "all",

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ris_utils import engine, export, layout, pipeline, settings
 from ris_utils.captioning.step import run_caption_jobs
+from ris_utils.data.samples import write_random_checkpoint
 from ris_utils.formats import parse_formats, write_formats
 from ris_utils.masks import IMAGE_EXTENSIONS, make_step_fn, run_masks
 from ris_utils.profiles import parse_params, step_config
@@ -97,7 +98,6 @@ def _ensure_random_checkpoints(profile) -> None:
     dcfg = step_config(profile, "data")
     specs = dcfg.get("random_checkpoints") or []
     if specs:
-        from ris_utils.data.samples import write_random_checkpoint
 
         for spec in specs:
             write_random_checkpoint(spec["model"], Path(dcfg["data_root"]) / spec["path"], int(spec.get("seed", 0)))

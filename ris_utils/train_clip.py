@@ -36,6 +36,7 @@ from ris_utils.captioning.tokenizer import shapes_tokenizer
 from ris_utils.crops import make_views, model_view_settings
 from ris_utils.data import shapes
 from ris_utils.models import register_open_clip_configs, seed_everything, torch_threads, warmup_cosine
+from ris_utils.profiles import parse_params, step_config
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,6 @@ def _train(cfg, ccfg, name, tr, out, progress):
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from ris_utils.profiles import parse_params, step_config
 
     ap = argparse.ArgumentParser(prog="python -m ris_utils.train_clip", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")

@@ -112,3 +112,12 @@ def test_the_captioner_defaults_are_the_profile_values():
     assert defaults == shapes  # one value (the profile's): 1400 steps, batch 64
     clip = profiles.load_profile("shapes")["filter"]["clip"]["train"]
     assert {f.name: f.default for f in dataclasses.fields(settings.ClipTrain) if f.name != "fill"} == clip
+
+
+def test_the_ris_section_is_checked_but_left_as_given():
+    """notebook 04's job keys hash the ris config: keys the profile does not set must not appear (else every
+    finished run would be trained again); ris.train.resolve_config fills them."""
+    prof = profiles.load_profile("shapes")
+    cfg = profiles.step_config("shapes", "ris")
+    assert set(cfg) - {"note"} == set(prof["shared"]) | set(prof["ris"]) | {"step"}
+    assert "ris" in settings.NOT_FILLED
