@@ -1,7 +1,8 @@
 """The pipeline CLI: ``python -m ris_utils <command> ...``.
 
-Each command lives in the module of its step and exposes ``cli(argv) -> int``; modules are imported
-only when their command runs, so ``python -m ris_utils --help`` is instant.
+The commands are the orchestrator's (:data:`ris_utils.pipeline.COMMANDS`): each lives in the module of its step
+and exposes ``cli(argv) -> int``; modules are imported only when their command runs, so
+``python -m ris_utils --help`` is instant.
 
 Exit codes (every command): 0 done (images that failed are error records, counted in ``summary.json``);
 1 ``--strict`` and at least one error record (or nothing at all succeeded / a download failed);
@@ -12,24 +13,10 @@ one line ``error: ...`` on stderr naming the file or setting and what to do, bef
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
-#: command -> (module, one-line help)
-COMMANDS = {
-    "shapes": ("ris_utils.data.shapes", "generate the shapes world (REFER format)"),
-    "masks": ("ris_utils.masks", "step 1: mask proposals for a folder or list of images"),
-    "captions": ("ris_utils.captioning.step", "step 2: naive / distinctive caption candidates"),
-    "filter": ("ris_utils.filtering", "step 3: distinctiveness (DoC) filtering of candidates"),
-    "export": ("ris_utils.export", "write filtered candidates as a REFER-format dataset"),
-    "mix": ("ris_utils.export", "semi-supervised mix of human and pseudo refs"),
-    "pretrain": ("ris_utils.ris.pretrain", "pretrain the shapes world's dense CLIP for the RIS model"),
-    "train": ("ris_utils.ris.train", "train the CRIS-style RIS model on a REFER-format dataset"),
-    "evaluate": ("ris_utils.ris.evaluate", "evaluate a RIS checkpoint (mIoU, oIoU, Pr@X)"),
-    "generate": ("ris_utils.generate", "masks -> captions -> filter -> export (+ report, formats) on a folder"),
-    "download": ("ris_utils.download", "download datasets and checkpoints for the paper profile"),
-}
+from ris_utils.pipeline import COMMANDS, run_command
 
 
 def usage() -> str:
@@ -48,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[cmd][0])
-    fn = getattr(module, f"cli_{cmd}", None) or module.cli
     try:
-        return int(fn(rest) or 0)
+        return run_command(cmd, rest)
     except USER_ERRORS as e:
         if os.environ.get("PSEUDO_RIS_TRACEBACK"):
             raise

@@ -47,14 +47,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ris_utils.data import refer
+from ris_utils import engine, layout, settings
+from ris_utils.data import refer, shapes
 from ris_utils.fileio import StagedDir
+from ris_utils.formats import parse_formats, write_formats
+from ris_utils.layout import IMAGE_SUBDIR
+from ris_utils.profiles import parse_params, save_config, step_config
+from ris_utils.text import rule_head_noun
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DATASET = "refcoco+"
-DEFAULT_SPLIT_BY = "pseudo"
-IMAGE_SUBDIR = "images/train2014"
+DEFAULT_DATASET = settings.Export.dataset     # <out>/refcoco+/refs(pseudo).p (module docstring)
+DEFAULT_SPLIT_BY = settings.Export.split_by
 IMAGE_MODES = ("link", "copy", "none")
 #: what marks a folder as an export (or mix): only such a folder (or an empty / new one) is replaced by a re-export
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
@@ -89,8 +93,6 @@ def select_sentences(cands: list[dict], survivors, max_sentences: int | None = N
 
 
 def _read_records(candidates_dir) -> list[dict]:
-    from ris_utils import engine
-
     return list(engine.read_records(candidates_dir))
 
 
@@ -164,123 +166,148 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     # moment) sees the old export or the new one, never a mix (leftovers are removed by the next export)
     stage = StagedDir(out_dir, marker=EXPORT_MARKERS)
     final_dir, out_dir = out_dir, stage.path
+    ex = _Export(unfiltered, dedupe, max_sentences_per_ref, order)
     img_ids_int = all(isinstance(r["image_id"], int) for r in records)
-    images_out, anns, refs, cand_lines = [], [], [], []
-    cat_ids: dict[str, int] = {}
-    drop_reasons: Counter = Counter()
-    n_fallback = 0
-    survivors_per_mask, sentences_per_ref = [], []
-    setting_total, setting_kept, view_total, view_kept = Counter(), Counter(), Counter(), Counter()
-    n_masks = n_images_ok = n_failed = n_cands = n_kept = 0
-    ann_id = ref_id = sent_id = 1
     for ri, rec in enumerate(records):
-        image_id = rec["image_id"] if img_ids_int else ri + 1
-        if rec.get("status", "ok") != "ok":
-            n_failed += 1
-            if rec.get("masks"):
-                drop_reasons["image_error"] += len(rec["masks"])
-            continue
-        n_images_ok += 1
-        h, w = int(rec["height"]), int(rec["width"])
-        img_refs = 0
-        for t, m in enumerate(rec.get("masks") or []):  # t: the mask's column in noun_scores / caption_scores
-            n_masks += 1
-            cands = m.get("candidates") or []
-            if unfiltered:
-                surv = all_surv = list(range(len(cands)))
-                dropped = None if cands else "no_candidates"
-            else:
-                all_surv = list(m.get("survivors") or [])
-                surv = select_sentences(cands, all_surv, max_sentences_per_ref, order)
-                dropped = m.get("dropped") or (None if surv else "no_survivor")
-            if m.get("fallback"):
-                n_fallback += int(not unfiltered)
-            for ci, c in enumerate(cands):
-                n_cands += 1
-                keep = bool(c.get("keep", False))
-                n_kept += keep
-                setting_total[c.get("setting")] += 1
-                setting_kept[c.get("setting")] += keep
-                view_total[c.get("view")] += 1
-                view_kept[c.get("view")] += keep
-                ns, cs = c.get("noun_scores"), c.get("caption_scores")
-                cand_lines.append({
-                    "image_id": rec["image_id"], "file_name": rec.get("file_name"), "mask_index": m.get("mask_index", t),
-                    "candidate_index": ci, "text": c["text"], "view": c.get("view"), "setting": c.get("setting"),
-                    "mode": c.get("mode"), "noun": c.get("noun"),
-                    "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
-                    "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
-                    "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in all_surv,
-                    "exported": dropped is None and ci in surv,
-                })
-            if dropped is not None:
-                drop_reasons[dropped] += 1
-                continue
-            survivors_per_mask.append(len(all_surv))
-            texts = [cands[i]["text"] for i in surv]
-            if dedupe:
-                texts = list(dict.fromkeys(texts))
-            nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")]
-            if not nouns:
-                from ris_utils.text import rule_head_noun
-
-                nouns = [rule_head_noun(t) for t in texts]
-            noun = Counter(nouns).most_common(1)[0][0] if nouns else "object"
-            noun = noun or "object"
-            cid = cat_ids.setdefault(noun, len(cat_ids) + 1)
-            mask = refer.decode_segmentation(m["segmentation"], h, w)
-            ann = refer.make_annotation(ann_id, image_id, cid, mask)
-            anns.append(ann)
-            sents = [refer.make_sentence(t, sent_id + k) for k, t in enumerate(texts)]
-            sent_id += len(sents)
-            ref = refer.make_ref(ref_id, ann, "train", sents, rec.get("file_name") or "")
-            ref["mask_index"] = m.get("mask_index")
-            refs.append(ref)
-            sentences_per_ref.append(len(sents))
-            ann_id += 1
-            ref_id += 1
-            img_refs += 1
-        images_out.append({"id": image_id, "file_name": rec.get("file_name"), "height": h, "width": w,
-                           **({} if img_ids_int else {"original_id": rec["image_id"]})})
+        img_refs = ex.add_record(rec, rec["image_id"] if img_ids_int else ri + 1, img_ids_int)
         if img_refs and images != "none":
             src = Path(rec["path"]) if rec.get("path") else Path(images_dir or ".") / rec["file_name"]
-            _place_image(src, out_dir / IMAGE_SUBDIR / rec["file_name"], images,
-                         final_dir / IMAGE_SUBDIR / rec["file_name"])
-    categories = [{"id": i, "name": n, "supercategory": "pseudo"} for n, i in cat_ids.items()]
-    cat_name = {i: n for n, i in cat_ids.items()}
-    refer.write_refer(out_dir, dataset, split_by, refs, images_out, anns, categories)
+            _place_image(src, layout.export_images(out_dir) / rec["file_name"], images,
+                         layout.export_images(final_dir) / rec["file_name"])
+    categories = [{"id": i, "name": n, "supercategory": "pseudo"} for n, i in ex.cat_ids.items()]
+    refer.write_refer(out_dir, dataset, split_by, ex.refs, ex.images_out, ex.anns, categories)
     with open(out_dir / "candidates.jsonl", "w", encoding="utf-8") as f:
-        for line in cand_lines:
+        for line in ex.cand_lines:
             f.write(json.dumps(line, sort_keys=True) + "\n")
-    exported_images = len({r["image_id"] for r in refs})
-    card = {
-        "name": name or final_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
-        "dataset": dataset, "split_by": split_by, "split": "train",
-        "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
-        "images_dir": IMAGE_SUBDIR if images != "none" else None, "images_mode": images, "dedupe": dedupe,
-        "max_sentences_per_ref": None if unfiltered else max_sentences_per_ref,
-        "order": "generation" if unfiltered else order,
-        "counts": {
-            "images": n_images_ok, "images_failed": n_failed, "images_with_refs": exported_images,
-            "masks": n_masks, "masks_exported": len(refs), "masks_dropped": int(sum(drop_reasons.values())),
-            "masks_dropped_by_reason": dict(sorted(drop_reasons.items())), "masks_fallback": n_fallback,
-            "candidates": n_cands, "candidates_kept_by_doc": n_kept,
-            "expressions": int(sum(sentences_per_ref)),
-            "unique_expressions": len({s["sent"] for r in refs for s in r["sentences"]}),
-            "categories": len(categories),
-        },
-        "survivors_per_mask": _summ(survivors_per_mask),
-        "sentences_per_ref": _summ(sentences_per_ref),
-        "keep_rate_by_setting": {str(k): round(setting_kept[k] / v, 4) for k, v in sorted(setting_total.items(),
-                                                                                         key=lambda kv: str(kv[0]))},
-        "keep_rate_by_view": {str(k): round(view_kept[k] / v, 4) for k, v in sorted(view_total.items(),
-                                                                                   key=lambda kv: str(kv[0]))},
-        "top_categories": dict(Counter(cat_name[r["category_id"]] for r in refs).most_common(20)),
-    }
+    card = {"name": name or final_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
+            "dataset": dataset, "split_by": split_by, "split": "train",
+            "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
+            "images_dir": IMAGE_SUBDIR if images != "none" else None, "images_mode": images, "dedupe": dedupe,
+            "max_sentences_per_ref": None if unfiltered else max_sentences_per_ref,
+            "order": "generation" if unfiltered else order, **ex.card_counts(categories)}
     (out_dir / "dataset_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / "dataset_card.md").write_text(card_markdown(card))
     stage.commit()
     return card
+
+
+class _Export:
+    """What :func:`export_dataset` accumulates over the records: the refs (one per kept mask), the candidate
+    lines (every candidate) and the card's counts."""
+
+    def __init__(self, unfiltered: bool, dedupe: bool, max_sentences_per_ref, order: str):
+        self.unfiltered, self.dedupe, self.max_sentences, self.order = unfiltered, dedupe, max_sentences_per_ref, order
+        self.images_out, self.anns, self.refs, self.cand_lines = [], [], [], []
+        self.cat_ids: dict[str, int] = {}
+        self.drop_reasons: Counter = Counter()
+        self.n_fallback = 0
+        self.survivors_per_mask, self.sentences_per_ref = [], []
+        self.setting_total, self.setting_kept, self.view_total, self.view_kept = (Counter(), Counter(), Counter(),
+                                                                                  Counter())
+        self.n_masks = self.n_images_ok = self.n_failed = self.n_cands = self.n_kept = 0
+        self.ann_id = self.ref_id = self.sent_id = 1
+
+    def add_record(self, rec: dict, image_id, img_ids_int: bool) -> int:
+        """One image's masks; returns how many refs it got."""
+        if rec.get("status", "ok") != "ok":
+            self.n_failed += 1
+            if rec.get("masks"):
+                self.drop_reasons["image_error"] += len(rec["masks"])
+            return 0
+        self.n_images_ok += 1
+        h, w = int(rec["height"]), int(rec["width"])
+        img_refs = 0
+        for t, m in enumerate(rec.get("masks") or []):  # t: the mask's column in noun_scores / caption_scores
+            self.n_masks += 1
+            cands = m.get("candidates") or []
+            surv, all_surv, dropped = self._survivors(m, cands)
+            self._candidate_lines(rec, t, m, cands, all_surv, surv, dropped)
+            if dropped is not None:
+                self.drop_reasons[dropped] += 1
+                continue
+            self.survivors_per_mask.append(len(all_surv))
+            self._add_ref(rec, image_id, m, cands, surv, h, w)
+            img_refs += 1
+        self.images_out.append({"id": image_id, "file_name": rec.get("file_name"), "height": h, "width": w,
+                                **({} if img_ids_int else {"original_id": rec["image_id"]})})
+        return img_refs
+
+    def _survivors(self, m: dict, cands: list) -> tuple[list, list, str | None]:
+        """``(sentences, survivors, dropped reason or None)`` of one mask."""
+        if self.unfiltered:
+            surv = all_surv = list(range(len(cands)))
+            dropped = None if cands else "no_candidates"
+        else:
+            all_surv = list(m.get("survivors") or [])
+            surv = select_sentences(cands, all_surv, self.max_sentences, self.order)
+            dropped = m.get("dropped") or (None if surv else "no_survivor")
+        if m.get("fallback"):
+            self.n_fallback += int(not self.unfiltered)
+        return surv, all_surv, dropped
+
+    def _candidate_lines(self, rec: dict, t: int, m: dict, cands: list, all_surv: list, surv: list, dropped) -> None:
+        for ci, c in enumerate(cands):
+            self.n_cands += 1
+            keep = bool(c.get("keep", False))
+            self.n_kept += keep
+            self.setting_total[c.get("setting")] += 1
+            self.setting_kept[c.get("setting")] += keep
+            self.view_total[c.get("view")] += 1
+            self.view_kept[c.get("view")] += keep
+            ns, cs = c.get("noun_scores"), c.get("caption_scores")
+            self.cand_lines.append({
+                "image_id": rec["image_id"], "file_name": rec.get("file_name"), "mask_index": m.get("mask_index", t),
+                "candidate_index": ci, "text": c["text"], "view": c.get("view"), "setting": c.get("setting"),
+                "mode": c.get("mode"), "noun": c.get("noun"),
+                "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
+                "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
+                "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in all_surv,
+                "exported": dropped is None and ci in surv,
+            })
+
+    def _add_ref(self, rec: dict, image_id, m: dict, cands: list, surv: list, h: int, w: int) -> None:
+        texts = [cands[i]["text"] for i in surv]
+        if self.dedupe:
+            texts = list(dict.fromkeys(texts))
+        nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")] or [rule_head_noun(t) for t in texts]
+        noun = (Counter(nouns).most_common(1)[0][0] if nouns else "object") or "object"
+        cid = self.cat_ids.setdefault(noun, len(self.cat_ids) + 1)
+        ann = refer.make_annotation(self.ann_id, image_id, cid, refer.decode_segmentation(m["segmentation"], h, w))
+        self.anns.append(ann)
+        sents = [refer.make_sentence(t, self.sent_id + k) for k, t in enumerate(texts)]
+        self.sent_id += len(sents)
+        ref = refer.make_ref(self.ref_id, ann, "train", sents, rec.get("file_name") or "")
+        ref["mask_index"] = m.get("mask_index")
+        self.refs.append(ref)
+        self.sentences_per_ref.append(len(sents))
+        self.ann_id += 1
+        self.ref_id += 1
+
+    def card_counts(self, categories: list[dict]) -> dict:
+        """The card's counts, survivor / sentence statistics, keep rates and top categories."""
+        cat_name = {i: n for n, i in self.cat_ids.items()}
+        refs = self.refs
+
+        def rates(kept, total):
+            return {str(k): round(kept[k] / v, 4) for k, v in sorted(total.items(), key=lambda kv: str(kv[0]))}
+
+        return {
+            "counts": {
+                "images": self.n_images_ok, "images_failed": self.n_failed,
+                "images_with_refs": len({r["image_id"] for r in refs}),
+                "masks": self.n_masks, "masks_exported": len(refs), "masks_dropped": int(sum(self.drop_reasons.values())),
+                "masks_dropped_by_reason": dict(sorted(self.drop_reasons.items())), "masks_fallback": self.n_fallback,
+                "candidates": self.n_cands, "candidates_kept_by_doc": self.n_kept,
+                "expressions": int(sum(self.sentences_per_ref)),
+                "unique_expressions": len({s["sent"] for r in refs for s in r["sentences"]}),
+                "categories": len(categories),
+            },
+            "survivors_per_mask": _summ(self.survivors_per_mask),
+            "sentences_per_ref": _summ(self.sentences_per_ref),
+            "keep_rate_by_setting": rates(self.setting_kept, self.setting_total),
+            "keep_rate_by_view": rates(self.view_kept, self.view_total),
+            "top_categories": dict(Counter(cat_name[r["category_id"]] for r in refs).most_common(20)),
+        }
 
 
 def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_ref: int | None = None,
@@ -301,8 +328,6 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
       ``{"per_sample": mean over refs of the distinct share, "per_sentence": distinct / sentences,
       "refs": n, "sentences": n, "sentences_per_ref": mean}``.
     """
-    from ris_utils.data import shapes
-
     per_ref, n_sent, n_dist = [], 0, 0
     for rec in records:
         if rec.get("status", "ok") != "ok":
@@ -364,44 +389,39 @@ def load_export(out_dir, card: dict | None = None) -> refer.ReferData:
     return refer.load_refer(out_dir, card["dataset"], card["split_by"])
 
 
-def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", scorer=None, captions_cfg=None,
-                    progress: bool = True, workers: int | None = None) -> dict:
-    """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train).
-
-    Each entry ``{name: {mode, filtered}}``: ``filtered: false`` exports every candidate of
-    ``<work_dir>/captions/<mode>/<split>``; ``filtered: true`` filters it first
-    (``<work_dir>/filter/<mode>/<split>``; one :func:`ris_utils.filtering.filter_jobs` call for every
-    filtered mode, in ``workers`` processes, default ``filter.workers`` or 1) and exports the survivors.
-    With ``captions_cfg`` (``step_config(profile, "captions")``) missing captions are generated first.
-    Returns ``{name: dataset card}``.
-    """
-    from ris_utils.filtering import ensure_captions, filter_jobs, images_dir_of, step_dirs
-
+def trainset_sources(export_cfg: dict, split: str = "train", seed: int | None = None,
+                     base_seed: int | None = None) -> dict:
+    """``{name: (source folder, filtered)}`` of ``export.trainsets``: ``<work_dir>/filter/<mode>/<split>`` for a
+    filtered set, ``<work_dir>/captions/<mode>/<split>`` for the others."""
     sets = export_cfg.get("trainsets") or {}
     if not sets:
         raise ValueError("export.trainsets is empty: name at least one {name: {mode, filtered}}")
-    workers = filter_cfg.get("workers", 1) if workers is None else workers
-    modes = list(dict.fromkeys(spec.get("mode") for spec in sets.values() if spec.get("filtered")))
-    fdirs = dict(zip(modes, filter_jobs(filter_cfg, captions_cfg or {"seed": 0},
-                                        [{"mode": m, "split": split} for m in modes], workers, scorer=scorer,
-                                        progress=progress)))
-    cards = {}
-    work = Path(export_cfg["work_dir"])
+    out = {}
     for name, spec in sets.items():
-        mode, filtered = spec.get("mode"), bool(spec.get("filtered"))
-        cdir, _ = step_dirs(work, mode, split, 0, 0)
-        if filtered:
-            src = fdirs[mode]
-        else:
-            src = cdir if captions_cfg is None else ensure_captions(captions_cfg, cdir, mode, split,
-                                                                    int(captions_cfg.get("seed", 0)),
-                                                                    progress=progress)
-        cards[name] = export_dataset(src, work / "export" / name, dataset=export_cfg.get("dataset", DEFAULT_DATASET),
-                                     split_by=export_cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=not filtered,
-                                     images_dir=images_dir_of(filter_cfg), images=export_cfg.get("image_mode", "link"),
-                                     dedupe=bool(export_cfg.get("dedupe", False)), name=name,
-                                     max_sentences_per_ref=export_cfg.get("max_sentences_per_ref"),
-                                     order=export_cfg.get("order", "generation"))
+        cdir, fdir = layout.step_dirs(export_cfg, spec.get("mode"), split, 0, 0)
+        out[name] = (fdir if spec.get("filtered") else cdir, bool(spec.get("filtered")))
+    return out
+
+
+def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> dict:
+    """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train) from
+    their finished filter / captions folders (:func:`trainset_sources`; a missing one fails naming the step to
+    run first; :func:`ris_utils.pipeline.build_trainsets` runs them). Returns ``{name: dataset card}``."""
+    cfg = settings.complete("export", export_cfg)
+    sources = trainset_sources(cfg, split)
+    for name, (src, filtered) in sources.items():
+        if not layout.is_done(src):
+            step = "filter (notebook 03_distinctiveness_filtering.ipynb or `python -m ris_utils filter`)" if filtered \
+                else "captions (notebook 02_distinctive_captions.ipynb or `python -m ris_utils captions`)"
+            raise FileNotFoundError(f"export.trainsets.{name}: {src / engine.RECORDS} not found: run the {step} "
+                                    f"first, or ris_utils.pipeline.build_trainsets")
+    cards = {}
+    for name, (src, filtered) in sources.items():
+        out = layout.export_dir(cfg, name)
+        cards[name] = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
+                                     images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
+                                     name=name, max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
+        save_config(cfg, out)  # the resolved settings beside the export
     return cards
 
 
@@ -485,8 +505,6 @@ def mix_datasets(pseudo: refer.ReferData, human: refer.ReferData, fraction: floa
 
 def cli_export(argv: list[str] | None = None) -> int:
     """``python -m ris_utils export --candidates DIR --out DIR [--dataset NAME --split-by NAME]``."""
-    from ris_utils.profiles import parse_params, step_config
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils export", description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", required=True, help="filter (or captions, with --unfiltered) output folder")
     ap.add_argument("--out", required=True, help="export data root")
@@ -500,23 +518,21 @@ def cli_export(argv: list[str] | None = None) -> int:
                     help="comma-separated: refer,cris,hf (cris -> <out>/cris, hf -> <out>/hf; ris_utils.formats)")
     ap.add_argument("--param", action="append", default=[])
     args = ap.parse_args(argv)
-    from ris_utils.formats import parse_formats, write_formats
-
     try:
         formats = parse_formats(args.format)
     except ValueError as e:
         ap.error(str(e))
-    if not (Path(args.candidates) / "records.jsonl").is_file():
-        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first)")
     cfg = step_config(args.profile, "export", **parse_params(args.param))
-    images_dir = args.images or cfg.get("images") or (refer.image_dir(cfg["data_root"]) if cfg.get("data_root")
-                                                      else None)
-    card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg.get("dataset", DEFAULT_DATASET),
-                          split_by=args.split_by or cfg.get("split_by", DEFAULT_SPLIT_BY), unfiltered=args.unfiltered,
-                          images_dir=images_dir, images=args.image_mode or cfg.get("image_mode", "link"),
-                          dedupe=bool(cfg.get("dedupe", False)),
-                          max_sentences_per_ref=None if args.unfiltered else cfg.get("max_sentences_per_ref"),
-                          order="generation" if args.unfiltered else cfg.get("order", "generation"))
+    if not layout.is_done(args.candidates):
+        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the filter step first: notebook "
+                 f"03_distinctiveness_filtering.ipynb or `python -m ris_utils filter`)")
+    images_dir = args.images or (layout.images_of(cfg) if cfg["images"] or cfg["data_root"] else None)
+    card = export_dataset(args.candidates, args.out, dataset=args.dataset or cfg["dataset"],
+                          split_by=args.split_by or cfg["split_by"], unfiltered=args.unfiltered,
+                          images_dir=images_dir, images=args.image_mode or cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
+                          max_sentences_per_ref=None if args.unfiltered else cfg["max_sentences_per_ref"],
+                          order="generation" if args.unfiltered else cfg["order"])
+    save_config(cfg, args.out)  # the resolved settings beside the export
     print(json.dumps(card["counts"], indent=2))
     for fmt, info in write_formats(args.out, [f for f in formats if f != "refer"]).items():
         print(f"{fmt}: {info['dir']}")
@@ -529,8 +545,6 @@ def cli_mix(argv: list[str] | None = None) -> int:
     Defaults of ``--human-dataset`` / ``--human-split-by`` / ``--fraction`` / ``--seed`` come from the profile's
     ``export.mix`` section (shapes: ``shapes+`` / ``shapes``; paper: ``refcoco+`` / ``unc``).
     """
-    from ris_utils.profiles import step_config
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils mix", description="semi-supervised mix (human + pseudo)")
     ap.add_argument("--pseudo", required=True, help="an export folder (holds dataset_card.json)")
     ap.add_argument("--human", required=True, help="REFER data root of the human annotations")
@@ -545,24 +559,24 @@ def cli_mix(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-mode", default="link", choices=IMAGE_MODES)
     args = ap.parse_args(argv)
     cfg = step_config(args.profile, "export")
-    mcfg = dict(cfg.get("mix") or {})
+    mcfg = settings.group(settings.Mix, cfg.get("mix"), "export.mix")
     fraction = args.fraction if args.fraction is not None else mcfg.get("fraction")
     if fraction is None or not 0.0 <= float(fraction) <= 1.0:
         ap.error(f"--fraction must be in [0, 1] (or set export.mix.fraction), got {fraction}")
-    seed = args.seed if args.seed is not None else int(mcfg.get("seed", 0))
+    seed = args.seed if args.seed is not None else int(mcfg["seed"])
     card_p = Path(args.pseudo) / "dataset_card.json"
     if not card_p.is_file():
         ap.error(f"--pseudo {args.pseudo}: no dataset_card.json there (run `python -m ris_utils export` first)")
     pseudo = load_export(args.pseudo)
-    human = refer.load_refer(args.human, args.human_dataset or mcfg.get("human_dataset", "refcoco+"),
-                             args.human_split_by or mcfg.get("human_split_by", "unc"))
-    card = mix_datasets(pseudo, human, float(fraction), seed, args.out,
-                        args.dataset or cfg.get("dataset", DEFAULT_DATASET), args.split_by, args.image_mode)
+    human = refer.load_refer(args.human, args.human_dataset or mcfg["human_dataset"],
+                             args.human_split_by or mcfg["human_split_by"])
+    card = mix_datasets(pseudo, human, float(fraction), seed, args.out, args.dataset or cfg["dataset"], args.split_by,
+                        args.image_mode)
     print(json.dumps(card["counts"], indent=2))
     return 0
 
 
 cli = cli_export
 
-__all__ = ["export_dataset", "select_sentences", "training_distinct_rate", "ORDERS", "build_trainsets", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
+__all__ = ["export_dataset", "select_sentences", "training_distinct_rate", "ORDERS", "write_trainsets", "trainset_sources", "load_export", "card_markdown", "round_half_up", "sample_images", "mix_datasets",
            "cli_export", "cli_mix"]

@@ -29,37 +29,46 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_utils import engine, layout, settings
+from ris_utils.captioning import CocaDecoder, TokenIds
+from ris_utils.captioning.decoding import beam_search
+from ris_utils.captioning.step import image_path, run_captions, view_kinds
+from ris_utils.captioning.tiny import random_coca
+from ris_utils.data import refer, shapes
+from ris_utils.filtering import (
+    degree_of_distinctiveness,
+    distinct_rates,
+    make_scorer,
+    run_filter,
+    select_survivors,
+)
+from ris_utils.images import load_image_rgb
+from ris_utils.profiles import step_config
+from ris_utils.train_captioner import load_captioner
+
 logger = logging.getLogger(__name__)
 
 
 def _val_dirs(work_dir, mode: str, seed: int):
-    from ris_utils.filtering import step_dirs
-
-    return step_dirs(work_dir, mode, "val", seed, seed)
+    return layout.step_dirs(work_dir, mode, "val", seed, seed)
 
 
 def measure_box(ccfg: dict, fcfg: dict, modes=("naive", "distinctive"), progress: bool = False) -> dict:
     """Distinct rates (val, before / after the filter) with ``box: authors`` vs the profile's run."""
-    from ris_utils import engine
-    from ris_utils.captioning.step import run_captions
-    from ris_utils.data import shapes
-    from ris_utils.filtering import distinct_rates, make_scorer, run_filter
-    from ris_utils.train_captioner import load_captioner
-
     work = Path(ccfg["work_dir"])
-    seed = int(ccfg.get("seed", 0))
+    seed = int(ccfg["seed"])
     scenes = shapes.load_scenes(fcfg["data_root"])
-    fid = work / "fidelity" / "box_authors"
+    fid = layout.fidelity_dir(work) / "box_authors"
     out = {}
     cap = load_captioner({**ccfg, "box": "authors"})
     scorer = make_scorer({**fcfg, "box": "authors"})
     for mode in modes:
         cdir, fdir = _val_dirs(work, mode, seed)
-        if not (fdir / engine.RECORDS).is_file():
+        if not layout.is_done(fdir):
             raise FileNotFoundError(f"{fdir / engine.RECORDS} not found: run notebooks 00-03 of the profile first")
         base = distinct_rates(list(engine.read_records(fdir)), scenes)
-        acdir, afdir = fid / "captions" / mode / "val", fid / "filter" / mode / "val"
-        run_captions({**ccfg, "box": "authors"}, "val", mode, cap, out_dir=acdir, masks_dir=work / "masks" / "val",
+        acdir, afdir = layout.step_dirs(fid, mode, "val", seed, seed)
+        run_captions({**ccfg, "box": "authors"}, "val", mode, cap, out_dir=acdir, masks_dir=layout.masks_dir(work, "val"),
                      progress=progress)
         run_filter(acdir, afdir, {**fcfg, "box": "authors"}, scorer=scorer, progress=progress)
         auth = distinct_rates(list(engine.read_records(afdir)), scenes)
@@ -69,7 +78,6 @@ def measure_box(ccfg: dict, fcfg: dict, modes=("naive", "distinctive"), progress
 
 
 def _beam_diff(decoder, ids, embs, nb: int, ng: int, seq_len: int, min_seq_len: int) -> tuple[int, int]:
-    from ris_utils.captioning.decoding import beam_search
 
     a = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len)
     b = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len,
@@ -81,22 +89,15 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
     """Share of beam captions that differ between ``hypotheses: shared`` and ``per_group``."""
     import torch
 
-    from ris_utils import engine
-    from ris_utils.captioning import CocaDecoder, TokenIds
-    from ris_utils.captioning.step import image_path, view_kinds
-    from ris_utils.captioning.tiny import random_coca
-    from ris_utils.data import refer
-    from ris_utils.images import load_image_rgb
-    from ris_utils.train_captioner import load_captioner
 
-    beam = dict(ccfg.get("beam") or {"num_beams": 6, "num_beam_groups": 3})
-    nb, ng = int(beam.get("num_beams", 6)), int(beam.get("num_beam_groups", 3))
-    seq_len, min_seq_len = int(ccfg.get("seq_len", 30)), int(ccfg.get("min_seq_len", 5))
+    beam = settings.group(settings.Beam, ccfg.get("beam"), "captions.beam")
+    nb, ng = int(beam["num_beams"]), int(beam["num_beam_groups"])
+    seq_len, min_seq_len = int(ccfg["seq_len"]), int(ccfg["min_seq_len"])
     cap = load_captioner(ccfg)
     dec = CocaDecoder(cap.model)
     ids = TokenIds.from_tokenizer(cap.tokenizer, cap.model)
     n_diff = n_all = 0
-    recs = list(engine.read_records(Path(ccfg["work_dir"]) / "masks" / "val", only_ok=True))[:max_images]
+    recs = list(engine.read_records(layout.masks_dir(ccfg, "val"), only_ok=True))[:max_images]
     with torch.no_grad():
         for rec in recs:
             image = load_image_rgb(image_path(rec, ccfg))
@@ -105,7 +106,7 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
             masks = [m for m in masks if m.any()]
             if not masks:
                 continue
-            views = cap.views(image, masks, view_kinds(ccfg), fill=ccfg.get("fill", 0))
+            views = cap.views(image, masks, view_kinds(ccfg), fill=ccfg["fill"])
             x = views.reshape(-1, *views.shape[2:])
             _, embs = dec.encode_images(x)
             d, n = _beam_diff(dec, ids, embs, nb, ng, seq_len, min_seq_len)
@@ -122,10 +123,7 @@ def measure_beam(ccfg: dict, max_images: int = 60, n_random: int = 192) -> dict:
 
 def measure_precision(fcfg: dict, modes=("naive", "distinctive")) -> dict:
     """Keep flags that flip when the DoC is computed as the authors' fp16 CLIP would (emulated on CPU)."""
-    from ris_utils import engine
-    from ris_utils.filtering import degree_of_distinctiveness, select_survivors
-
-    seed = int(fcfg.get("seed", 0))
+    seed = int(fcfg["seed"])
     out = {}
     for mode in modes:
         _, fdir = _val_dirs(fcfg["work_dir"], mode, seed)
@@ -149,9 +147,7 @@ def measure_precision(fcfg: dict, modes=("naive", "distinctive")) -> dict:
 
 def measure_fallback(fcfg: dict, modes=("naive", "distinctive")) -> dict:
     """Masks that needed the fallback and the sentences each fallback rule gives them (val, caption seed)."""
-    from ris_utils import engine
-
-    seed = int(fcfg.get("seed", 0))
+    seed = int(fcfg["seed"])
     out = {}
     for mode in modes:
         _, fdir = _val_dirs(fcfg["work_dir"], mode, seed)
@@ -165,7 +161,6 @@ def measure_fallback(fcfg: dict, modes=("naive", "distinctive")) -> dict:
 
 
 def run(profile: str = "shapes", out=None, what=("box", "beam", "precision", "fallback"), progress=False) -> dict:
-    from ris_utils.profiles import step_config
 
     ccfg = step_config(profile, "captions")
     fcfg = step_config(profile, "filter")
@@ -178,7 +173,7 @@ def run(profile: str = "shapes", out=None, what=("box", "beam", "precision", "fa
         res["beam"] = measure_beam(ccfg)
     if "box" in what:
         res["box"] = measure_box(ccfg, fcfg, progress=progress)
-    out = Path(out) if out else Path(ccfg["work_dir"]) / "fidelity" / "fidelity.json"
+    out = Path(out) if out else layout.fidelity_dir(ccfg) / "fidelity.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     return res

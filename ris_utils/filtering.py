@@ -56,21 +56,33 @@ engine shard of every job (same records as one process).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ris_utils import engine, layout, settings
+from ris_utils.captioning.step import distinct_rate
+from ris_utils.clip_scorer import (  # noqa: F401 - the scorer's names, importable from the step as before
+    ARTICLES,
+    DEFAULT_PROMPT,
+    PRECISIONS,
+    ClipScorer,
+    build_clip,
+    check_clip_checkpoint,
+    make_scorer,
+)
+from ris_utils.data.refer import decode_segmentation
+from ris_utils.images import load_image_rgb
+from ris_utils.models import torch_threads
+from ris_utils.profiles import parse_params, project_root, save_config, step_config
+from ris_utils.text import HeadNounExtractor
+
 logger = logging.getLogger(__name__)
 
 FALLBACKS = ("all", "keep_random", "drop")
-PRECISIONS = ("fp16", "fp32")
-ARTICLES = ("a", "an", "the")
 NONPOSITIVE = ("clamp", "shift")
-DEFAULT_PROMPT = "a photo of a {noun}"
 
 
 # --------------------------------------------------------------------------- the score
@@ -78,10 +90,23 @@ DEFAULT_PROMPT = "a photo of a {noun}"
 
 def degree_of_distinctiveness(noun_scores, caption_scores, target: int, nonpositive: str = "clamp",
                               logit_scale: float = 100.0, dtype: str = "float64") -> np.ndarray:
-    """DoC of C candidates of mask ``target`` among K masks (paper, step 3).
+    """Degree of distinctiveness of the C candidates of mask ``target`` among the K masks of an image.
 
-    ``DoC(c) = product_t(c) / max_{k != t} product_k(c)`` with ``product_k = noun_k * caption_k``; for
-    ``K == 1`` the single-mask rule ``DoC(c) = noun_t(c)``. Non-positive scores: see the module docstring
+    The equation (Pseudo-RIS, Yu, Seo, Son, ECCV 2024, arXiv 2407.07412: the method's third step,
+    "distinctiveness-based text filtering"; summarised in shared/paper.md, "Step 3")::
+
+        S_noun(c, k) = CLIP(masked crop of mask k, "a photo of a {head noun of c}")
+        S_cap(c, k)  = CLIP(crop of mask k's box enlarged x1.2, c)
+        P(c, k)      = S_noun(c, k) * S_cap(c, k)
+
+                      P(c, t)
+        DoC(c) = -----------------          c survives iff DoC(c) > 1
+                 max_{k != t} P(c, k)
+
+    i.e. a caption is distinctive when it matches its own mask better than any other mask of the image (scores
+    are CLIP logits, 100 x cosine for OpenAI weights). For ``K == 1`` the single-mask rule of the authors' code
+    (``my_utils/pseudo_datasets.py`` l. 658-660): ``DoC(c) = S_noun(c, t)`` (:func:`select_survivors` keeps the
+    top ``C // 2``). Non-positive scores: see the module docstring
     (``nonpositive="clamp"``: ``max(s, 0)``, ``0 / x = 0``, ``0 / 0 = 0``, ``x / 0 = inf``;
     ``"shift"``: ``s + logit_scale``).
 
@@ -171,48 +196,18 @@ def apply_fallback(keep, fallback: str, rng: np.random.Generator) -> tuple[list[
     return [], None, "no_survivor"
 
 
-def step_dirs(work_dir, mode: str, split: str, seed: int, base_seed: int = 0) -> tuple[Path, Path]:
-    """``(captions_dir, filter_dir)`` of one mode / split / caption seed under ``work_dir``.
-
-    The profile's seed uses the standard folders ``captions/<mode>/<split>`` and ``filter/<mode>/<split>``;
-    another seed ``s`` uses ``<split>_seed<s>`` in their place (notebook 02's convention for extra seeds).
-    """
-    w = Path(work_dir)
-    name = split if int(seed) == int(base_seed) else f"{split}_seed{int(seed)}"
-    return w / "captions" / mode / name, w / "filter" / mode / name
+# ``(captions_dir, filter_dir)`` of one mode / split / caption seed: ris_utils.layout (re-exported here)
+step_dirs = layout.step_dirs
 
 
-def ensure_captions(captions_cfg: dict, cdir, mode: str, split: str, seed: int, captioner=None,
-                    progress: bool = True) -> Path:
-    """Run the captions step into ``cdir`` (with ``seed``) unless its ``records.jsonl`` exists."""
-    from ris_utils import engine
-
-    cdir = Path(cdir)
-    if not (cdir / engine.RECORDS).is_file():
-        from ris_utils.captioning.step import run_captions
-
-        logger.info("filter: no captions under %s, running the captions step (seed %d)", cdir, seed)
-        run_captions({**captions_cfg, "seed": int(seed)}, split, mode, captioner, out_dir=cdir, progress=progress)
-    return cdir
+def missing_captions(cdir) -> FileNotFoundError:
+    """The error of a filter run whose captions are missing: names the notebook / command to run first."""
+    return FileNotFoundError(f"{Path(cdir) / engine.RECORDS} not found: run the captions step first (notebook "
+                             f"02_distinctive_captions.ipynb or `python -m ris_utils captions --profile NAME`), "
+                             f"or let ris_utils.pipeline.filter_jobs run it")
 
 
-def filter_split(cfg: dict, captions_cfg: dict, mode: str, split: str, seed: int | None = None,
-                 scorer: ClipScorer | None = None, captioner=None, progress: bool = True) -> Path:
-    """Filter one mode / split / caption seed (captioning it first when its records are missing).
-
-    Returns the filter folder (see :func:`step_dirs`). ``captions_cfg`` is
-    ``profiles.step_config(profile, "captions")``; for a seed other than the profile's the captions step
-    is run with that seed (the captioner is loaded once, or passed in).
-    """
-    base = int(captions_cfg.get("seed", 0))
-    seed = base if seed is None else int(seed)
-    cdir, fdir = step_dirs(cfg["work_dir"], mode, split, seed, base)
-    ensure_captions(captions_cfg, cdir, mode, split, seed, captioner, progress)
-    run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress)
-    return fdir
-
-
-def _check_filter_jobs(jobs) -> list[dict]:
+def check_filter_jobs(jobs) -> list[dict]:
     out = []
     for k, job in enumerate(jobs):
         if not isinstance(job, dict) or "mode" not in job or "split" not in job:
@@ -225,341 +220,67 @@ def _check_filter_jobs(jobs) -> list[dict]:
 
 
 def _filter_shard(cfg: dict, dirs: list[tuple[str, str]], progress: bool, rank: int, world_size: int) -> list[dict]:
-    """One worker of :func:`filter_jobs`: shard ``rank`` of every (captions, filter) folder pair, in order,
+    """One worker of :func:`run_filter_jobs`: shard ``rank`` of every (captions, filter) folder pair, in order,
     with one scorer. Runs in a spawned process."""
     import torch
 
-    torch.set_num_threads(int(cfg.get("threads") or max(1, (os.cpu_count() or 1) // world_size)))
+    torch.set_num_threads(int(cfg["threads"] or max(1, (os.cpu_count() or 1) // world_size)))
     scorer = make_scorer(cfg)
     return [run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress, rank=rank, world_size=world_size,
                        merge_output=False) for cdir, fdir in dirs]
 
 
-def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | None = 1,
-                scorer: ClipScorer | None = None, captioner=None, progress: bool = True) -> list[Path]:
-    """Filter several mode / split / caption-seed jobs (:func:`filter_split`) in ``workers`` processes.
+def run_filter_jobs(cfg: dict, dirs: list[tuple[Path, Path]], workers: int | None = 1,
+                    scorer: ClipScorer | None = None, progress: bool = True) -> list[Path]:
+    """Filter several ``(captions_dir, filter_dir)`` pairs (each captions folder complete) in ``workers``
+    processes; returns the filter folders in order. (:func:`ris_utils.pipeline.filter_jobs` writes missing
+    captions first.)
 
-    Arguments:
-      cfg: ``profiles.step_config(profile, "filter")``. captions_cfg: as for :func:`filter_split`.
-      jobs: ``[{"mode", "split", "seed" (optional: default the captions seed)}]``.
-      workers: ``filter.workers``. 1 (or None/0): :func:`filter_split` for each job in turn, in this process,
-        with ``scorer`` (default: ``make_scorer(cfg)``, built once) and ``captioner`` (loaded once when some
-        captions are missing). W > 1: the missing captions are written first, here, by
-        :func:`ris_utils.captioning.step.run_caption_jobs` (with ``captions.workers`` processes); then W
-        spawned processes, process r filtering shard r (engine ``rank=r, world_size=W``) of every job in
-        order with its own ``make_scorer(cfg)`` (``scorer`` is not used: pass ``workers=1`` for a scorer the
-        profile does not describe) and ``torch.set_num_threads(filter.threads)`` (unset: cores / W); the
-        shards of each job are then merged here. The records are byte-identical whatever W (the fallback
-        draw is seeded per image) and a rerun resumes with any W. A worker's exception is raised here (with
-        a note naming the worker).
-    Returns:
-      the filter folder of each job (:func:`step_dirs`), in the order of ``jobs``.
+    workers: ``filter.workers``. 1 (or None/0): :func:`run_filter` for each pair in turn, in this process,
+    with ``scorer`` (default: ``make_scorer(cfg)``, built once). W > 1: W spawned processes, process r
+    filtering shard r (engine ``rank=r, world_size=W``) of every pair in order with its own
+    ``make_scorer(cfg)`` (``scorer`` is not used: pass ``workers=1`` for a scorer the profile does not
+    describe) and ``torch.set_num_threads(filter.threads)`` (unset: cores / W); the shards of each job are
+    then merged here. The records are byte-identical whatever W (the fallback draw is seeded per image) and a
+    rerun resumes with any W. A worker's exception is raised here (with a note naming the worker).
     """
-    from ris_utils import engine
-
-    jobs = _check_filter_jobs(jobs)
+    cfg = settings.complete("filter", cfg)
     n = engine.check_workers(workers, "filter.workers")
-    if scorer is None and (cfg.get("clip") or {}).get("train_if_missing"):
-        check_clip_checkpoint(cfg)  # a typo'd checkpoint path fails here, before captions or training
-    base = int(captions_cfg.get("seed", 0))
-    seeds = [base if job.get("seed") is None else int(job["seed"]) for job in jobs]
-    dirs = [step_dirs(cfg["work_dir"], job["mode"], job["split"], s, base) for job, s in zip(jobs, seeds)]
-    fdirs = [f.resolve() for _, f in dirs]
+    fdirs = [Path(f).resolve() for _, f in dirs]
     if len(set(fdirs)) != len(fdirs):
         raise ValueError("filter jobs: two jobs name the same mode / split / seed (the same filter folder)")
-    if not jobs:
+    for cdir, _ in dirs:
+        if not layout.is_done(cdir):
+            raise missing_captions(cdir)
+    if not dirs:
         return []
-    missing = [k for k, (cdir, _) in enumerate(dirs) if not (cdir / engine.RECORDS).is_file()]
     if n <= 1:
         scorer = scorer or make_scorer(cfg)
-        if missing and captioner is None:
-            from ris_utils.train_captioner import load_captioner
-
-            captioner = load_captioner(captions_cfg)
-        return [filter_split(cfg, captions_cfg, job["mode"], job["split"], s, scorer, captioner, progress)
-                for job, s in zip(jobs, seeds)]
-    if missing:  # every captions folder complete BEFORE the filter workers read it (sharded, merged)
-        from ris_utils.captioning.step import run_caption_jobs
-
-        logger.info("filter: no captions for %d job(s), running the captions step first", len(missing))
-        cjobs = [{"split": jobs[k]["split"], "mode": jobs[k]["mode"], "seed": seeds[k], "out_dir": str(dirs[k][0])}
-                 for k in missing]
-        run_caption_jobs(captions_cfg, cjobs, workers=captions_cfg.get("workers", 1), progress=progress,
-                         captioner=captioner)
+        for cdir, fdir in dirs:
+            run_filter(cdir, fdir, cfg, scorer=scorer, progress=progress)
+        return [Path(f) for _, f in dirs]
     ckpt = (cfg.get("clip") or {}).get("checkpoint")
     if ckpt and (cfg.get("clip") or {}).get("train_if_missing"):
-        from ris_utils.profiles import project_root
-
         if not (Path(ckpt) if Path(ckpt).is_absolute() else project_root() / ckpt).is_file():
             make_scorer(cfg)  # trains the missing CLIP once here, not once per worker
     pairs = [(str(c), str(f)) for c, f in dirs]
     engine.run_shard_workers(_filter_shard, (cfg, pairs, progress), n, "filter")
     for _, fdir in dirs:
         engine.merge(fdir, step="filter")
-    return [f for _, f in dirs]
-
-
-# --------------------------------------------------------------------------- CLIP
-
-
-class ClipScorer:
-    """CLIP logits of mask views against texts, features computed once per image.
-
-    Arguments:
-      model: an open_clip CLIP (``encode_image``, ``encode_text``, ``logit_scale``), in eval mode.
-      tokenizer: ``tok(texts) -> LongTensor (B, L)`` (open_clip's or :class:`~ris_utils.captioning.tokenizer.WordTokenizer`).
-      size, mean, std: the model's preprocessing (``ris_utils.crops.model_view_settings``).
-      fill: fill value of the masked crop (grey value, RGB triple or ``"mean"``).
-      prompt: the noun prompt template (``"a photo of a {noun}"``).
-      logit_scale: ``None`` = the model's ``exp(logit_scale)`` (100 for OpenAI weights), else a number.
-      batch_size: crops / texts per forward pass (a pass is split only when larger).
-    """
-
-    def __init__(self, model, tokenizer, size: int, mean, std, fill=0, prompt: str = DEFAULT_PROMPT,
-                 logit_scale: float | None = None, batch_size: int = 256, device=None, precision: str = "fp32",
-                 box: str = "exclusive"):
-        import torch
-
-        if "{noun}" not in prompt:
-            raise ValueError(f"filter.noun_prompt must contain '{{noun}}', got {prompt!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"filter.precision must be one of {PRECISIONS}, got {precision!r}")
-        from ris_utils.crops import BOX_MODES
-
-        if box not in BOX_MODES:
-            raise ValueError(f"filter.box must be one of {BOX_MODES}, got {box!r}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.size, self.mean, self.std, self.fill = int(size), tuple(mean), tuple(std), fill
-        self.prompt = prompt
-        self.batch_size = int(batch_size)
-        self.device = device or next(model.parameters()).device
-        self.box = box
-        self.requested_precision = precision
-        # fp16 only on CUDA (the authors' clip.load keeps fp16 weights there); on CPU: fp32, a no-op
-        self.precision = "fp16" if precision == "fp16" and torch.device(self.device).type == "cuda" else "fp32"
-        if precision == "fp16" and self.precision != "fp16":
-            logger.info("filter.precision fp16 asked for on %s: scoring in fp32 (fp16 applies on CUDA only)",
-                        self.device)
-        if logit_scale is None:
-            with torch.no_grad():
-                logit_scale = float(model.logit_scale.float().exp().item())
-        if self.precision == "fp16":  # as OpenAI's clip.load on CUDA: conv / linear / attention weights in fp16
-            from open_clip.model import convert_weights_to_lp
-
-            convert_weights_to_lp(self.model, torch.float16)
-        self.logit_scale = float(logit_scale)
-
-    @property
-    def doc_dtype(self) -> str:
-        """Arithmetic of the DoC ratio: ``"float16"`` when the scores are fp16 (the authors on CUDA)."""
-        return "float16" if self.precision == "fp16" else "float64"
-
-    def prompt_for(self, noun: str) -> str:
-        """The noun prompt; the authors' rule: a template ending in ``"a {noun}"`` drops its article when the
-        noun already starts with one (``"a photo of " + noun``; ``distinctive_caption_generation.py``
-        l. 259 / 287)."""
-        first = str(noun).split()[:1]
-        if first and first[0] in ARTICLES and self.prompt.endswith("a {noun}"):  # case-sensitive, as theirs
-            return self.prompt[: -len("a {noun}")] + str(noun)
-        return self.prompt.format(noun=noun)
-
-    def _encode(self, fn, x):
-        import torch
-
-        outs = []
-        with torch.no_grad():
-            for i in range(0, len(x), self.batch_size):
-                xb = x[i: i + self.batch_size].to(self.device)
-                if self.precision == "fp16" and xb.is_floating_point():
-                    xb = xb.half()
-                f = fn(xb)
-                if self.precision == "fp16":  # OpenAI CLIP's forward: normalised in fp16
-                    outs.append((f / f.norm(dim=-1, keepdim=True)).half().cpu())
-                else:
-                    outs.append(torch.nn.functional.normalize(f.float(), dim=-1).cpu())
-        return torch.cat(outs) if outs else torch.zeros(0, 1)
-
-    def image_features(self, image: np.ndarray, masks) -> dict:
-        """``{"masked": (K, D), 1.2: (K, D)}`` L2-normalised features; one pass per view kind.
-
-        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool.
-        """
-        from ris_utils.crops import make_views
-
-        feats = {}
-        for view in ("masked", 1.2):
-            x = make_views(image, masks, views=(view,), size=self.size, fill=self.fill, mean=self.mean,
-                           std=self.std, box=self.box)[:, 0]  # (K, 3, S, S)
-            feats[view] = self._encode(self.model.encode_image, x)
-        return feats
-
-    def text_features(self, texts: Sequence[str]) -> dict:
-        """``{text: (D,) feature}`` for the DISTINCT strings of ``texts`` (one pass)."""
-        distinct = list(dict.fromkeys(texts))
-        if not distinct:
-            return {}
-        tokens = self.tokenizer(distinct)
-        f = self._encode(self.model.encode_text, tokens)
-        return {t: f[i] for i, t in enumerate(distinct)}
-
-    def score_image(self, image: np.ndarray, masks, candidates: list[list[tuple[str, str]]]):
-        """CLIP logits for every candidate of every mask against every mask.
-
-        Arguments:
-          image: HxWx3 uint8 RGB. masks: KxHxW bool.
-          candidates: per mask, a list of ``(caption, noun)``.
-        Returns:
-          list over masks of ``(noun_scores, caption_scores)``, each a C_t x K float32 array.
-        """
-        import torch
-
-        K = len(masks)
-        img = self.image_features(image, masks)
-        texts = [s for cands in candidates for cap, noun in cands for s in (cap, self.prompt_for(noun))]
-        txt = self.text_features(texts)
-        out = []
-        for cands in candidates:
-            if not cands:
-                out.append((np.zeros((0, K), np.float32), np.zeros((0, K), np.float32)))
-                continue
-            P = torch.stack([txt[self.prompt_for(noun)] for _, noun in cands])  # (C, D)
-            T = torch.stack([txt[cap] for cap, _ in cands])  # (C, D)
-            if self.precision == "fp16":  # the authors (OpenAI CLIP's forward, on the GPU): (logit_scale (fp32
-                # 0-dim) * fp16 image features) @ fp16 text features.T -> fp16 logits_per_image (K, C)
-                scale = torch.tensor(self.logit_scale, dtype=torch.float32, device=self.device)
-                dev = self.device
-                noun_s = ((scale * img["masked"].to(dev)) @ P.to(dev).T).T.float().cpu()  # (C, K)
-                cap_s = ((scale * img[1.2].to(dev)) @ T.to(dev).T).T.float().cpu()
-            else:
-                noun_s = self.logit_scale * (P @ img["masked"].T)  # (C, K)
-                cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
-            out.append((noun_s.numpy().astype(np.float32), cap_s.numpy().astype(np.float32)))
-        return out
-
-
-def build_clip(cfg: dict, device=None):
-    """``(model, tokenizer, view_settings)`` of the profile's ``filter.clip`` section.
-
-    ``clip: {model: RN50, pretrained: openai, tokenizer: open_clip}`` (the paper) or
-    ``{model: clip_shapes, checkpoint: PATH, tokenizer: shapes}`` (our configs in ``model_configs/``,
-    weights from ``checkpoint``; ``train_if_missing: true`` trains the shapes CLIP on first use), or
-    ``{model: rn50_tiny, pretrained: null}`` (random init, tests).
-    """
-    import open_clip
-    import torch
-
-    from ris_utils.models import register_open_clip_configs, resolve_device
-
-    ccfg = dict(cfg.get("clip") or {})
-    name = ccfg.get("model")
-    if not name:
-        raise ValueError("filter.clip.model is not set: name an open_clip model (RN50) or one of our configs")
-    register_open_clip_configs()
-    device = resolve_device(device or cfg.get("device", "auto"))
-    ckpt = ccfg.get("checkpoint")
-    if ckpt:
-        ckpt = Path(ckpt)
-        if not ckpt.is_absolute():
-            from ris_utils.profiles import project_root
-
-            ckpt = project_root() / ckpt
-        if not ckpt.is_file():
-            check_clip_checkpoint(cfg)  # a path the user named must exist
-            from ris_utils.train_clip import train_clip
-
-            logger.warning("filter: %s (the profile's own CLIP checkpoint) is missing: training the shapes CLIP "
-                           "now (clip.train_if_missing; a few minutes on CPU)", ckpt)
-            train_clip(cfg, out=ckpt)
-        from ris_utils.models import quiet_random_init
-
-        with quiet_random_init():  # the checkpoint is loaded just below
-            model = open_clip.create_model(name, pretrained=None, device="cpu")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        sd = state.get("state_dict", state)
-        sd = {k: v.float() for k, v in sd.items()}
-        try:
-            model.load_state_dict(sd)
-        except RuntimeError as e:
-            raise RuntimeError(f"{ckpt} does not match the open_clip config {name!r}: {e}") from e
-    else:
-        try:
-            model = open_clip.create_model(name, pretrained=ccfg.get("pretrained"), device="cpu")
-        except Exception as e:  # noqa: BLE001 - name the setting
-            raise RuntimeError(f"filter.clip: could not build open_clip model {name!r} with pretrained="
-                               f"{ccfg.get('pretrained')!r} ({type(e).__name__}: {e}); the paper's weights need "
-                               f"`python -m ris_utils download` (internet)") from e
-    model = model.to(device).eval()
-    tok_spec = ccfg.get("tokenizer", "open_clip")
-    from ris_utils.captioning.tokenizer import build_tokenizer
-
-    ctx = getattr(model, "context_length", None)
-    tokenizer = build_tokenizer(tok_spec, model_name=name, context_length=ctx)
-    from ris_utils.crops import model_view_settings
-
-    return model, tokenizer, model_view_settings(model)
-
-
-def check_clip_checkpoint(cfg: dict) -> None:
-    """Fail before any work when ``filter.clip.checkpoint`` names a file that does not exist, unless it is the
-    profile's own default asset and ``clip.train_if_missing`` is set (then it is trained on first use)."""
-    from ris_utils.profiles import is_profile_default, project_root
-
-    ccfg = dict(cfg.get("clip") or {})
-    ckpt = ccfg.get("checkpoint")
-    if not ckpt:
-        return
-    path = Path(ckpt) if Path(ckpt).is_absolute() else project_root() / ckpt
-    if path.is_file():
-        return
-    if not ccfg.get("train_if_missing"):
-        raise FileNotFoundError(f"filter.clip.checkpoint {path} not found: check the path, run `python -m "
-                                f"ris_utils.train_clip --out {path}`, or set clip.train_if_missing")
-    if not is_profile_default(cfg, "filter", "clip.checkpoint", ckpt):
-        raise FileNotFoundError(f"filter.clip.checkpoint {path} does not exist: check the path (a missing "
-                                f"checkpoint is trained only when it is the profile's own default; to train one "
-                                f"there run `python -m ris_utils.train_clip --out {path}`)")
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """``torch.set_num_threads(n)`` inside the block (restored after); ``None`` leaves torch's default.
-
-    On a shared 2-core CPU one thread scores ~8x faster than two (measured: 0.08 vs 0.68 s per shapes image
-    under load)."""
-    import torch
-
-    prev = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
-def make_scorer(cfg: dict, device=None) -> ClipScorer:
-    """:class:`ClipScorer` of the profile's ``filter`` settings (seeded first: random-init models are
-    reproducible)."""
-    from ris_utils.models import seed_everything
-
-    seed_everything(int(cfg.get("seed", 0)))
-    model, tok, vs = build_clip(cfg, device)
-    return ClipScorer(model, tok, vs["size"], vs["mean"], vs["std"], fill=cfg.get("fill", 0),
-                      prompt=cfg.get("noun_prompt", DEFAULT_PROMPT), logit_scale=cfg.get("logit_scale"),
-                      batch_size=int(cfg.get("batch_size", 256)), precision=cfg.get("precision", "fp32"),
-                      box=cfg.get("box", "exclusive"))
+        save_config(cfg, fdir)
+    return [Path(f) for _, f in dirs]
 
 
 # --------------------------------------------------------------------------- per image
 
 
-def _extractor(cfg: dict):
-    from ris_utils.text import HeadNounExtractor
+def head_noun_extractor(cfg: dict) -> HeadNounExtractor:
+    """The profile's ``filter.head_noun`` extractor (``text -> noun``)."""
+    hn = settings.group(settings.HeadNoun, cfg.get("head_noun"), "filter.head_noun")
+    return HeadNounExtractor(hn["backend"], hn["spacy_model"], hn["nouns"], rule=hn["rule"])
 
-    hn = dict(cfg.get("head_noun") or {})
-    return HeadNounExtractor(hn.get("backend", "auto"), hn.get("spacy_model", "en_core_web_lg"), hn.get("nouns"),
-                             rule=hn.get("rule", "authors"))
+
+_extractor = head_noun_extractor  # the name notebook 03 used
 
 
 def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "all",
@@ -574,8 +295,6 @@ def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor
       nonpositive: see :func:`degree_of_distinctiveness`.
       seed: seeds the ``keep_random`` draw.
     """
-    from ris_utils.data.refer import decode_segmentation
-
     if fallback not in FALLBACKS:
         raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
     h, w = int(record["height"]), int(record["width"])
@@ -614,14 +333,10 @@ def _image_path(record: dict, images_dir: Path | None) -> Path:
 
 
 def images_dir_of(cfg: dict) -> Path | None:
-    """``cfg["images"]``, else the data root's image folder (:func:`ris_utils.data.refer.image_dir`:
+    """``cfg["images"]``, else the data root's image folder (:func:`ris_utils.layout.image_dir`:
     ``images/mscoco/images/train2014``, ``images/train2014`` or ``images``, the first that exists), else None."""
-    if cfg.get("images"):
-        return Path(cfg["images"])
-    if cfg.get("data_root"):
-        from ris_utils.data.refer import image_dir
-
-        return image_dir(cfg["data_root"])
+    if cfg.get("images") or cfg.get("data_root"):
+        return layout.images_of(cfg)
     return None
 
 
@@ -636,21 +351,20 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     ``rank``, ``world_size``, ``merge_output`` are passed to :func:`ris_utils.engine.run` (one shard of the
     images, merged later with ``engine.merge``; see :func:`filter_jobs`). Default: one process, merged.
     """
-    from ris_utils import engine
-    from ris_utils.images import load_image_rgb
-
+    cfg = settings.complete("filter", cfg)
     candidates_dir, out_dir = Path(candidates_dir), Path(out_dir)
+    if not layout.is_done(candidates_dir):
+        raise missing_captions(candidates_dir)
     if scorer is None:
         check_clip_checkpoint(cfg)
     records = list(engine.read_records(candidates_dir))
-    fallback = cfg.get("fallback", "all")
-    nonpositive = cfg.get("nonpositive", "clamp")
+    fallback, nonpositive = cfg["fallback"], cfg["nonpositive"]
     if fallback not in FALLBACKS:
         raise ValueError(f"filter.fallback must be one of {FALLBACKS}, got {fallback!r}")
     if nonpositive not in NONPOSITIVE:
         raise ValueError(f"filter.nonpositive must be one of {NONPOSITIVE}, got {nonpositive!r}")
     scorer = scorer or make_scorer(cfg)
-    extractor = _extractor(cfg)
+    extractor = head_noun_extractor(cfg)
     images_dir = images_dir_of(cfg)
     items = [{"image_id": r["image_id"], "file_name": r.get("file_name"), "path": str(_image_path(r, images_dir)),
               "record": r} for r in records]
@@ -662,12 +376,15 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
         image = load_image_rgb(item["path"])
         return filter_record(rec, image, scorer, extractor, fallback, nonpositive, item["seed"])
 
-    settings = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
-                                        "head_noun", "precision", "box")}
-    settings["candidates"] = str(candidates_dir)
-    with torch_threads(cfg.get("threads")):
-        return engine.run("filter", items, fn, out_dir, seed=int(cfg.get("seed", 0)), config=settings,
-                          progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+    conf = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
+                                    "head_noun", "precision", "box")}
+    conf["candidates"] = str(candidates_dir)
+    with torch_threads(cfg["threads"]):
+        summary = engine.run("filter", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
+                             progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+    if merge_output and engine.dist_info()[0] == 0:
+        save_config(cfg, out_dir)  # the resolved settings beside the records
+    return summary
 
 
 # --------------------------------------------------------------------------- analysis (notebook 03)
@@ -704,8 +421,6 @@ def distinct_rates(records: list[dict], scenes: dict, min_iou: float = 0.5) -> d
     keep (DoC > 1 / single-mask rule), "exported": rate over the survivors incl. fallbacks,
     "masks_with_survivor": share of masks with >= 1 kept candidate, "n_before", "n_after", "n_masks"}``.
     """
-    from ris_utils.captioning.step import distinct_rate
-
     recs = [r for r in records if r.get("status", "ok") == "ok"]
     before = distinct_rate(_subset(recs, "all"), scenes, min_iou)
     after = distinct_rate(_subset(recs, "keep"), scenes, min_iou)
@@ -743,8 +458,6 @@ def candidate_frame(records: list[dict]):
 
 def cli_filter(argv: list[str] | None = None) -> int:
     """``python -m ris_utils filter --candidates DIR --out DIR --profile NAME [--param k=v ...]``."""
-    from ris_utils.profiles import parse_params, step_config
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils filter", description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", required=True, help="captions step output folder (holds records.jsonl)")
     ap.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json)")
@@ -753,13 +466,12 @@ def cli_filter(argv: list[str] | None = None) -> int:
     ap.add_argument("--param", action="append", default=[], help="override a filter setting, e.g. fallback=drop")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any image became an error record")
     args = ap.parse_args(argv)
-    if not (Path(args.candidates) / "records.jsonl").is_file():
-        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the captions step first)")
     cfg = step_config(args.profile, "filter", images=args.images, **parse_params(args.param))
+    if not layout.is_done(args.candidates):
+        ap.error(f"--candidates {args.candidates}: no records.jsonl there (run the captions step first: notebook "
+                 f"02_distinctive_captions.ipynb or `python -m ris_utils captions`)")
     summary = run_filter(args.candidates, args.out, cfg)
     print(f"filter: {summary.get('ok')} ok, {summary.get('failed')} failed -> {os.path.join(args.out, 'records.jsonl')}")
-    from ris_utils import engine
-
     if engine.strict_exit(args.strict, [summary]):
         return 1
     return 0 if summary.get("ok", 0) or not summary.get("n_items") else 1
@@ -768,5 +480,5 @@ def cli_filter(argv: list[str] | None = None) -> int:
 cli = cli_filter
 
 __all__ = ["degree_of_distinctiveness", "select_survivors", "apply_fallback", "ClipScorer", "build_clip",
-           "make_scorer", "filter_record", "run_filter", "filter_split", "filter_jobs", "ensure_captions", "step_dirs",
+           "make_scorer", "filter_record", "run_filter", "run_filter_jobs", "step_dirs",
            "distinct_rates", "candidate_frame", "sampling_kind", "cli_filter"]

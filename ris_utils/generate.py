@@ -6,7 +6,7 @@ step functions as notebooks 01-03 and the step commands:
 
 1. masks -- :func:`ris_utils.masks.run_masks` (SAM + selector, or the shapes world's segmenter);
 2. captions -- :func:`ris_utils.captioning.step.run_caption_jobs`, distinctive caption sampling;
-3. filter -- :func:`ris_utils.filtering.filter_jobs`, DoC > 1;
+3. filter -- :func:`ris_utils.pipeline.filter_jobs`, DoC > 1;
 
 then the REFER export (:func:`ris_utils.export.export_dataset`), the other formats
 (:func:`ris_utils.formats.write_formats`), the report (:func:`ris_utils.report.write_report`) and a summary::
@@ -29,12 +29,21 @@ and rank 0 writes the outputs. Image ids are the paths relative to ``--images`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+
+from ris_utils import engine, export, layout, pipeline, settings
+from ris_utils.captioning.step import run_caption_jobs
+from ris_utils.data.samples import write_random_checkpoint
+from ris_utils.formats import parse_formats, write_formats
+from ris_utils.masks import IMAGE_EXTENSIONS, make_step_fn, run_masks
+from ris_utils.profiles import parse_params, step_config
+from ris_utils.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +55,6 @@ STEP_SECTIONS = ("masks", "captions", "filter", "export")
 def image_items(images, exclude=None) -> list[dict]:
     """Engine items of every image file under ``images`` (recursive, sorted): ``image_id`` = ``file_name`` =
     the path relative to ``images`` (posix); files under ``exclude`` (the output folder) are left out."""
-    from ris_utils.masks import IMAGE_EXTENSIONS
-
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: no such folder")
@@ -68,14 +75,17 @@ def step_configs(profile, out_dir, params: dict | None = None, workers: int | No
 
     ``params``: nested overrides; a key naming a section (``{"masks": {"amg": {...}}}``) applies to that
     step, any other key to every step."""
-    from ris_utils.profiles import step_config
-
     params = dict(params or {})
     common = {k: v for k, v in params.items() if k not in STEP_SECTIONS}
+    valid = {sec: set(settings.defaults(sec)) | {f.name for f in dataclasses.fields(settings.section_class(sec))}
+             for sec in STEP_SECTIONS}
+    for key in common:  # a key for every step: refused when no step has it (the closest key named)
+        if not any(key in v for v in valid.values()):
+            settings.check_overrides("masks", {key: common[key]}, "--param (a key for every step)")
     work = str(Path(out_dir).resolve() / "work")
     cfgs = {}
     for sec in STEP_SECTIONS:
-        over = {**common, **(params.get(sec) or {}), "work_dir": work}
+        over = {**{k: v for k, v in common.items() if k in valid[sec]}, **(params.get(sec) or {}), "work_dir": work}
         if workers is not None and sec in ("captions", "filter"):
             over["workers"] = int(workers)
         cfgs[sec] = step_config(profile, sec, **over)
@@ -85,20 +95,15 @@ def step_configs(profile, out_dir, params: dict | None = None, workers: int | No
 
 def _ensure_random_checkpoints(profile) -> None:
     """The random-init checkpoints a profile reads (paper-tiny's CoCa; notebook 00 writes them too)."""
-    from ris_utils.profiles import step_config
-
     dcfg = step_config(profile, "data")
     specs = dcfg.get("random_checkpoints") or []
     if specs:
-        from ris_utils.data.samples import write_random_checkpoint
 
         for spec in specs:
             write_random_checkpoint(spec["model"], Path(dcfg["data_root"]) / spec["path"], int(spec.get("seed", 0)))
 
 
 def _finished(step_dir: Path) -> bool:
-    from ris_utils import engine
-
     return (step_dir / engine.RECORDS).is_file() and (step_dir / engine.SUMMARY).is_file()
 
 
@@ -122,12 +127,6 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     Returns:
       the summary (also written to ``<out>/summary.json``); on a rank > 0 of torchrun, that rank's part only.
     """
-    from ris_utils import engine, export
-    from ris_utils.captioning.step import run_caption_jobs
-    from ris_utils.filtering import filter_jobs, step_dirs
-    from ris_utils.formats import parse_formats, write_formats
-    from ris_utils.masks import make_step_fn, run_masks
-
     out_dir = Path(out_dir).resolve()
     fmts = parse_formats(formats)
     rank, world = engine.dist_info()
@@ -140,26 +139,8 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     if rank == 0:  # before the masks step, whose end (a barrier under torchrun) precedes any captioner load
         _ensure_random_checkpoints(profile)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / "work"
-    seconds = {}
-
-    t = time.perf_counter()
-    mdir = work / "masks" / SPLIT
-    msum = run_masks(cfgs["masks"], items, mdir, fn=make_step_fn(cfgs["masks"]), progress=progress)
-    seconds["masks"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    ccfg, fcfg = cfgs["captions"], cfgs["filter"]
-    cdir, fdir = step_dirs(work, MODE, SPLIT, int(ccfg.get("seed", 0)), int(ccfg.get("seed", 0)))
-    # a finished step (merged records) is checked and skipped in this process: no worker start-up on a rerun
-    [csum] = run_caption_jobs(ccfg, [{"split": SPLIT, "mode": MODE}], progress=progress,
-                              workers=1 if _finished(cdir) else ccfg.get("workers", 1))
-    seconds["captions"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    [fdir] = filter_jobs(fcfg, ccfg, [{"mode": MODE, "split": SPLIT}],
-                         1 if _finished(fdir) else fcfg.get("workers", 1), progress=progress)
-    seconds["filter"] = time.perf_counter() - t
+    seconds: dict = {}
+    mdir, fdir, csum = _run_steps(cfgs, items, out_dir / "work", progress, seconds)
     if rank != 0:
         return {"rank": rank, "world_size": world, "merged": False}
     fsum = engine.read_summary(fdir)
@@ -173,10 +154,9 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     # the export's sentence-selection settings the installed export_dataset knows (e.g. max_sentences_per_ref)
     known = inspect.signature(export.export_dataset).parameters
     extra = {k: ecfg[k] for k in ("max_sentences_per_ref", "order") if k in known and ecfg.get(k) is not None}
-    card = export.export_dataset(fdir, refer_dir, dataset=ecfg.get("dataset", export.DEFAULT_DATASET),
-                                 split_by=ecfg.get("split_by", export.DEFAULT_SPLIT_BY),
-                                 images=image_mode or ecfg.get("image_mode", "link"), images_dir=ecfg["images"],
-                                 dedupe=bool(ecfg.get("dedupe", False)), name=out_dir.name, **extra)
+    card = export.export_dataset(fdir, refer_dir, dataset=ecfg["dataset"], split_by=ecfg["split_by"],
+                                 images=image_mode or ecfg["image_mode"], images_dir=ecfg["images"],
+                                 dedupe=bool(ecfg["dedupe"]), name=out_dir.name, **extra)
     written = write_formats(refer_dir, [f for f in fmts if f != "refer"], out_root=out_dir, progress=progress)
     seconds["export"] = time.perf_counter() - t
 
@@ -186,16 +166,42 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
     failures += [{"image_id": e["image_id"], "file_name": e.get("file_name"), "step": "captions/filter",
                   "error": e["error"]} for e in fsum.get("errors") or []]
     if report:
-        from ris_utils.report import write_report
-
         t = time.perf_counter()
         write_report(fdir, out_dir, card=card, failures=[f for f in failures if f["step"] == "masks"],
                      images_dir=ecfg["images"], max_images=report_max_images,
                      progress=progress, title=f"Pseudo-RIS pseudo-supervision: {out_dir.name}")
         seconds["report"] = time.perf_counter() - t
+    summary = _summary(cfgs, items, card, failures, msum, csum, fsum, written, report)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}  # printed, not written (reruns compare)
+    return summary
 
+
+def _run_steps(cfgs: dict, items: list[dict], work: Path, progress: bool, seconds: dict):
+    """Masks, captions and filter into ``work``; returns ``(masks_dir, filter_dir, captions summary)``."""
+    t = time.perf_counter()
+    mdir = layout.masks_dir(work, SPLIT)
+    run_masks(cfgs["masks"], items, mdir, fn=make_step_fn(cfgs["masks"]), progress=progress)
+    seconds["masks"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ccfg, fcfg = cfgs["captions"], cfgs["filter"]
+    cdir, fdir = layout.step_dirs(work, MODE, SPLIT, int(ccfg["seed"]), int(ccfg["seed"]))
+    # a finished step (merged records) is checked and skipped in this process: no worker start-up on a rerun
+    [csum] = run_caption_jobs(ccfg, [{"split": SPLIT, "mode": MODE}], progress=progress,
+                              workers=1 if _finished(cdir) else ccfg["workers"])
+    seconds["captions"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    [fdir] = pipeline.filter_jobs(fcfg, ccfg, [{"mode": MODE, "split": SPLIT}],
+                                  1 if _finished(fdir) else fcfg["workers"], progress=progress)
+    seconds["filter"] = time.perf_counter() - t
+    return mdir, fdir, csum
+
+
+def _summary(cfgs, items, card, failures, msum, csum, fsum, written, report) -> dict:
     c = card["counts"]
-    summary = {
+    return {
         "profile": cfgs["masks"].get("profile"), "images": len(items),
         "images_ok": c["images"], "images_failed": len(failures), "images_with_refs": c["images_with_refs"],
         "masks": c["masks"], "masks_exported": c["masks_exported"],
@@ -207,9 +213,6 @@ def generate(images, out_dir, profile: str = "shapes", formats="refer", workers:
         "outputs": {"refer": "refer", **{f: f for f in written if f != "refer"},
                     **({"report": "report.html"} if report else {})},
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    summary["seconds"] = {k: round(v, 2) for k, v in seconds.items()}  # printed, not written (reruns compare)
-    return summary
 
 
 def summary_text(summary: dict, out_dir) -> str:
@@ -231,9 +234,6 @@ def summary_text(summary: dict, out_dir) -> str:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m ris_utils generate --images DIR --out DIR [--profile P] [--format refer,cris,hf] [--workers N]``."""
-    from ris_utils import engine
-    from ris_utils.profiles import parse_params
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils generate", description=__doc__.split("\n")[0])
     ap.add_argument("--images", required=True, help="folder of images (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder (a rerun resumes)")

@@ -25,6 +25,8 @@ from itertools import zip_longest
 
 import numpy as np
 
+from ris_utils.settings import MASK_THRESHOLD
+
 __all__ = ["CONVENTIONS", "DEFAULT_THRESHOLDS", "RisEvaluator", "ris_scores", "to_numpy"]
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -32,7 +34,7 @@ DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 #: convention -> (probability threshold for float predictions or None, Pr@X uses ">=" or ">", IoU eps)
 CONVENTIONS = {
     "lavt": {"prob_threshold": None, "pr_op": ">=", "eps": 0.0},
-    "cris": {"prob_threshold": 0.35, "pr_op": ">", "eps": 1e-6},
+    "cris": {"prob_threshold": MASK_THRESHOLD, "pr_op": ">", "eps": 1e-6},
 }
 
 

@@ -4,6 +4,11 @@ A profile file has a ``shared`` section (keys every step sees), one section per 
 ``masks``, ``captions``, ``filter``, ``export``, ``ris``, ``tables``) and optionally ``notebooks``
 (extra papermill parameters per notebook number). The notebooks and the CLI both call
 :func:`step_config`, so a notebook and a CLI run of the same profile do the same thing.
+
+The sections and their defaults are the dataclasses of :mod:`ris_utils.settings`: a profile file with an
+unknown key, or an unknown ``--param`` / notebook override, is refused when it is loaded (one line naming
+the key, the file or the overrides, and the closest valid key); :func:`step_config` fills every key the
+profile does not set with its default, so a step reads ``cfg["key"]``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 from pathlib import Path
 
 import yaml
+
+from ris_utils import settings
 
 #: Keys whose values are paths, resolved against the project root when relative.
 PATH_KEYS = ("data_root", "work_dir", "output_dir", "checkpoint", "images", "cache_dir", "external_masks")
@@ -89,6 +96,7 @@ def load_profile(profile: str | os.PathLike, _chain: tuple = ()) -> dict:
         raise ValueError(f"profile file {path} is not valid YAML{where}: {what}; fix the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"profile file {path} must be a mapping with a 'shared' section")
+    settings.check_profile(data, f"profile file {path}")
     base = data.pop("extends", None)
     if base is not None:  # a variant: the base profile's settings, overridden section by section
         if not isinstance(base, str):
@@ -142,17 +150,20 @@ def resolve_paths(cfg: dict, root: Path | None = None) -> dict:
 
 
 def step_config(profile: str | os.PathLike, step: str, **overrides) -> dict:
-    """The resolved settings of one step: ``{**shared, **profile[step], **overrides}``.
+    """The resolved settings of one step: ``{**defaults, **shared, **profile[step], **overrides}``.
 
     ``None`` overrides are ignored, so a notebook can pass its parameters-cell values straight through
-    (``None`` = "take it from the profile file"). Dotted keys in ``overrides`` are not expanded here;
-    use :func:`parse_params` first.
+    (``None`` = "take it from the profile file"); keys the profile does not set get their default
+    (:func:`ris_utils.settings.defaults`). An override no section has is refused before any work
+    (:class:`ris_utils.settings.UnknownSettingError`, naming the closest valid key). Dotted keys in
+    ``overrides`` are not expanded here; use :func:`parse_params` first.
     """
     prof = load_profile(profile)
     if step not in prof and step != "shared":
         raise KeyError(f"profile {prof['name']!r} has no section {step!r} (sections: {sorted(prof)})")
+    settings.check_overrides(step, overrides, f"--param / notebook overrides of profile {prof['name']!r}")
     cfg = deep_merge(prof["shared"], prof.get(step) or {}) if step != "shared" else dict(prof["shared"])
-    cfg = deep_merge(cfg, overrides)
+    cfg = settings.complete(step, deep_merge(cfg, overrides))
     cfg["step"] = step
     return resolve_paths(cfg)
 
@@ -191,3 +202,14 @@ def output_dir(profile: str | os.PathLike) -> Path:
     """``papermill_runs/output/<profile>``."""
     name = load_profile(profile)["name"]
     return profiles_dir() / "output" / name
+
+
+def save_config(cfg: dict, out_dir) -> Path:
+    """Write the resolved config ``cfg`` to ``<out_dir>/config.yaml`` (the settings beside a step's output)."""
+    from ris_utils.fileio import atomic_write
+    from ris_utils.layout import CONFIG_FILE
+
+    out = Path(out_dir) / CONFIG_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, yaml.safe_dump(dict(cfg), sort_keys=True, default_flow_style=None))
+    return out

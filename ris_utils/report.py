@@ -24,6 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_utils import engine
+from ris_utils.data.refer import decode_segmentation
+from ris_utils.images import load_image_rgb
+
 FILES_DIR = "report_files"
 PAGE_SIZE = 50
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4",
@@ -242,10 +246,6 @@ def write_report(filter_dir, out_dir, card: dict | None = None, failures: list[d
     """
     from PIL import Image
     from tqdm import tqdm
-
-    from ris_utils import engine
-    from ris_utils.data.refer import decode_segmentation
-    from ris_utils.images import load_image_rgb
 
     out_dir = Path(out_dir)
     files = out_dir / FILES_DIR

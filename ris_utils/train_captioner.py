@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,26 +38,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ris_utils import crops
+from ris_utils import crops, layout, profiles, settings
+from ris_utils.captioning.tokenizer import build_tokenizer
+from ris_utils.data import shapes
+from ris_utils.models import (
+    CONFIG_DIR,
+    quiet_random_init,
+    register_open_clip_configs,
+    resolve_device,
+    torch_threads,
+    warmup_cosine_lr,
+)
+from ris_utils.profiles import is_profile_default, project_root
 
 logger = logging.getLogger(__name__)
-
-#: Training settings used when the profile's ``captions.train`` omits a key.
-DEFAULT_TRAIN = {
-    "seed": 0,              # torch init + batch sampling + caption sampling
-    "world_seed": 1000,     # seed of the in-memory training world (not the evaluation world's seed)
-    "n_images": 400,        # training scenes (3-7 objects each)
-    "image_size": 128,      # side of the training scenes (the shapes profile's data.image_size)
-    "steps": 700,
-    "batch_size": 128,
-    "lr": 2.0e-3,
-    "weight_decay": 0.05,
-    "warmup_steps": 50,
-    "caption_loss_weight": 2.0,   # open_clip's CoCa defaults
-    "clip_loss_weight": 1.0,
-    "threads": 1,           # torch threads while training (1 is fastest on a shared 2-core machine)
-}
-
 
 @dataclass
 class Captioner:
@@ -83,18 +76,13 @@ class Captioner:
 
 
 def train_settings(cfg: dict) -> dict:
-    """``DEFAULT_TRAIN`` updated with the profile's ``captions.train`` (unknown keys rejected)."""
-    given = dict(cfg.get("train") or {})
-    unknown = sorted(set(given) - set(DEFAULT_TRAIN))
-    if unknown:
-        raise ValueError(f"captions.train: unknown keys {unknown}; known: {sorted(DEFAULT_TRAIN)}")
-    return {**DEFAULT_TRAIN, **given}
+    """The profile's ``captions.train`` over its defaults (:class:`ris_utils.settings.CaptionerTrain`; unknown
+    keys rejected)."""
+    return settings.group(settings.CaptionerTrain, cfg.get("train"), "captions.train")
 
 
 def model_config(name: str, vocab_size: int) -> dict:
     """The open_clip JSON config of ``name`` with ``vocab_size`` set in the text and decoder towers."""
-    from ris_utils.models import CONFIG_DIR
-
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         raise FileNotFoundError(f"captions.model {name!r}: {path} does not exist (our configs: "
@@ -110,8 +98,6 @@ def model_config(name: str, vocab_size: int) -> dict:
 def _resolve_path(value: str | None) -> Path | None:
     if not value:
         return None
-    from ris_utils.profiles import project_root
-
     p = Path(value)
     return p if p.is_absolute() else project_root() / p
 
@@ -122,8 +108,6 @@ def card_path(checkpoint: Path) -> Path:
 
 def _create(name: str, mcfg: dict | None, pretrained: str | None):
     import open_clip
-
-    from ris_utils.models import register_open_clip_configs
 
     register_open_clip_configs()
     kwargs = {}
@@ -179,8 +163,6 @@ def training_views(settings: dict, views=crops.PAPER_VIEWS, size: int = 32, fill
     """
     import torch
 
-    from ris_utils.data import shapes
-
     xs, objects = [], []
     ann = 1
     for i in range(int(settings["n_images"])):
@@ -193,12 +175,8 @@ def training_views(settings: dict, views=crops.PAPER_VIEWS, size: int = 32, fill
     return torch.cat(xs), objects
 
 
-def _lr_at(step: int, settings: dict) -> float:
-    warm, total, lr = int(settings["warmup_steps"]), int(settings["steps"]), float(settings["lr"])
-    if step < warm:
-        return lr * (step + 1) / warm
-    t = (step - warm) / max(1, total - warm)
-    return lr * 0.5 * (1 + math.cos(math.pi * t))
+def _lr_at(step: int, tr: dict) -> float:
+    return warmup_cosine_lr(step, int(tr["steps"]), int(tr["warmup_steps"]), float(tr["lr"]), after_warmup=True)
 
 
 def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Captioner:
@@ -206,79 +184,93 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
 
     Arguments:
       cfg: ``profiles.step_config(profile, "captions")`` (keys ``model``, ``tokenizer``, ``views``,
-        ``fill``, ``train``; see :data:`DEFAULT_TRAIN`).
+        ``fill``, ``train``: :class:`ris_utils.settings.CaptionerTrain`).
       out: checkpoint path (``.pt``, fp16 state dict); its card ``.json`` is written beside it.
     Returns:
       the trained :class:`Captioner` (eval mode, fp32 weights rounded through fp16 like the saved ones).
     """
-    import open_clip
     import torch
 
-    from ris_utils.captioning.tokenizer import build_tokenizer
-
-    settings = train_settings(cfg)
-    name = cfg.get("model", "coca_shapes")
-    tok = build_tokenizer(cfg.get("tokenizer", "shapes"))
+    tr = train_settings(cfg)
+    cfg = settings.complete("captions", cfg)
+    name = cfg["model"]
+    tok = build_tokenizer(cfg["tokenizer"])
     if not hasattr(tok, "to_dict"):
         raise ValueError("train_captioner trains only word-tokenizer captioners (captions.tokenizer: shapes)")
     mcfg = model_config(name, tok.vocab_size)
-    ctx = int(mcfg["text_cfg"]["context_length"])
-    tok.context_length = ctx
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(int(settings["threads"]))
+    tok.context_length = int(mcfg["text_cfg"]["context_length"])
     t0 = time.perf_counter()
-    try:
-        model = build_model(name, tok.vocab_size, int(settings["seed"]))
+    with torch_threads(int(tr["threads"]), "captions.train.threads"):
+        model = build_model(name, tok.vocab_size, int(tr["seed"]))
         vs = crops.model_view_settings(model)
         views = _views_of(cfg)
-        x, objects = training_views(settings, views, vs["size"], cfg.get("fill", 0), vs["mean"], vs["std"])
+        x, objects = training_views(tr, views, vs["size"], cfg["fill"], vs["mean"], vs["std"])
         t_data = time.perf_counter() - t0
-        from ris_utils.data import shapes
-
-        rng = np.random.default_rng([int(settings["seed"]), 11])
-        loss_fn = open_clip.loss.CoCaLoss(caption_loss_weight=float(settings["caption_loss_weight"]),
-                                          clip_loss_weight=float(settings["clip_loss_weight"]),
-                                          pad_id=tok.pad_token_id)
-        opt = torch.optim.AdamW(model.parameters(), lr=float(settings["lr"]),
-                                weight_decay=float(settings["weight_decay"]))
-        model.train()
-        m, v = x.shape[0], x.shape[1]
-        history = []
-        bs = int(settings["batch_size"])
-        for step in range(int(settings["steps"])):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, settings)
-            oi = rng.integers(0, m, size=bs)
-            vi = rng.integers(0, v, size=bs)
-            images = x[torch.from_numpy(oi), torch.from_numpy(vi)]  # (B, 3, S, S)
-            texts = tok([shapes.generic_caption(objects[k], rng) for k in oi])  # (B, ctx)
-            res = model(images, texts)
-            clip_l, cap_l = loss_fn(res["image_features"], res["text_features"], res["logits"], res["labels"],
-                                    res["logit_scale"])
-            loss = clip_l + cap_l
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            history.append((float(clip_l.detach()), float(cap_l.detach())))
-            if log_every and (step % log_every == 0 or step == int(settings["steps"]) - 1):
-                logger.info("captioner step %d: contrastive %.3f caption %.3f", step, *history[-1])
-    finally:
-        torch.set_num_threads(prev_threads)
+        history = _fit(model, tok, x, objects, tr, log_every)
     seconds = time.perf_counter() - t0
     model.eval()
     # Keep the in-memory model identical to what a reload of the fp16 checkpoint gives.
     state = {k: t.detach().half() if t.is_floating_point() else t.detach() for k, t in model.state_dict().items()}
     model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
+    card = _card(model, name, mcfg, tok, views, cfg["fill"], tr, x.shape[0], history, seconds, t_data)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out)
+        card["checkpoint_bytes"] = out.stat().st_size
+        card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        logger.info("captioner saved to %s (%.2f MB)", out, out.stat().st_size / 1e6)
+    vs = crops.model_view_settings(model)
+    return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, "trained now", card)
+
+
+def _fit(model, tok, x, objects, tr: dict, log_every: int) -> list[tuple[float, float]]:
+    """CoCa's loss over ``tr["steps"]`` batches of (view, generic caption); returns the loss history."""
+    import open_clip
+    import torch
+
+    rng = np.random.default_rng([int(tr["seed"]), 11])
+    loss_fn = open_clip.loss.CoCaLoss(caption_loss_weight=float(tr["caption_loss_weight"]),
+                                      clip_loss_weight=float(tr["clip_loss_weight"]), pad_id=tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
+    model.train()
+    m, v = x.shape[0], x.shape[1]
+    history = []
+    bs = int(tr["batch_size"])
+    for step in range(int(tr["steps"])):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, tr)
+        oi = rng.integers(0, m, size=bs)
+        vi = rng.integers(0, v, size=bs)
+        images = x[torch.from_numpy(oi), torch.from_numpy(vi)]  # (B, 3, S, S)
+        texts = tok([shapes.generic_caption(objects[k], rng) for k in oi])  # (B, ctx)
+        res = model(images, texts)
+        clip_l, cap_l = loss_fn(res["image_features"], res["text_features"], res["logits"], res["labels"],
+                                res["logit_scale"])
+        loss = clip_l + cap_l
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append((float(clip_l.detach()), float(cap_l.detach())))
+        if log_every and (step % log_every == 0 or step == int(tr["steps"]) - 1):
+            logger.info("captioner step %d: contrastive %.3f caption %.3f", step, *history[-1])
+    return history
+
+
+def _card(model, name, mcfg, tok, views, fill, tr, m, history, seconds, t_data) -> dict:
+    import open_clip
+    import torch
+
     tail = history[-20:]
-    card = {
+    return {
         "model": name,
         "config": mcfg,
         "tokenizer": tok.to_dict(),
         "views": [str(w) for w in views],
-        "fill": cfg.get("fill", 0),
-        "train": settings,
-        "seed": int(settings["seed"]),
+        "fill": fill,
+        "train": tr,
+        "seed": int(tr["seed"]),
         "n_training_objects": int(m),
         "final_loss": {"contrastive": round(float(np.mean([a for a, _ in tail])), 4),
                        "caption": round(float(np.mean([b for _, b in tail])), 4)},
@@ -291,19 +283,10 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "produced_by": "python -m ris_utils.train_captioner",
     }
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, out)
-        card["checkpoint_bytes"] = out.stat().st_size
-        card_path(out).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
-        logger.info("captioner saved to %s (%.2f MB)", out, out.stat().st_size / 1e6)
-    vs = crops.model_view_settings(model)
-    return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, "trained now", card)
 
 
 def _views_of(cfg: dict) -> tuple:
-    views = cfg.get("views") or list(crops.PAPER_VIEWS)
+    views = settings.complete("captions", cfg)["views"]
     return tuple(v if isinstance(v, str) else float(v) for v in views)
 
 
@@ -312,16 +295,15 @@ def _views_of(cfg: dict) -> tuple:
 
 def card_matches(card: dict, cfg: dict) -> tuple[bool, str]:
     """Whether a checkpoint card was made with the current config, vocabulary and training settings."""
-    from ris_utils.captioning.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(cfg.get("tokenizer", "shapes"))
-    name = cfg.get("model", "coca_shapes")
+    cfg = settings.complete("captions", cfg)
+    tok = build_tokenizer(cfg["tokenizer"])
+    name = cfg["model"]
     checks = {
         "model": (card.get("model"), name),
         "config": (card.get("config"), model_config(name, tok.vocab_size)),
         "vocabulary": ((card.get("tokenizer") or {}).get("vocab"), tok.to_dict()["vocab"]),
         "views": (card.get("views"), [str(v) for v in _views_of(cfg)]),
-        "fill": (card.get("fill"), cfg.get("fill", 0)),
+        "fill": (card.get("fill"), cfg["fill"]),
         "train": (card.get("train"), train_settings(cfg)),
     }
     for what, (a, b) in checks.items():
@@ -333,14 +315,11 @@ def card_matches(card: dict, cfg: dict) -> tuple[bool, str]:
 def _load_word_checkpoint(path: Path, card: dict, cfg: dict) -> Captioner:
     import torch
 
-    from ris_utils.captioning.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(cfg.get("tokenizer", "shapes"))
-    name = cfg.get("model", "coca_shapes")
+    cfg = settings.complete("captions", cfg)
+    tok = build_tokenizer(cfg["tokenizer"])
+    name = cfg["model"]
     mcfg = model_config(name, tok.vocab_size)
     tok.context_length = int(mcfg["text_cfg"]["context_length"])
-    from ris_utils.models import quiet_random_init
-
     with quiet_random_init():  # the checkpoint is loaded just below
         model = _create(name, mcfg, None)
     try:
@@ -365,15 +344,13 @@ def looks_like_path(value) -> bool:
 def check_captioner_checkpoint(cfg: dict) -> None:
     """Fail before any work when ``captions.pretrained`` names a file that does not exist, unless it is the
     profile's own default asset (a shapes captioner is then trained on first use, announced)."""
-    from ris_utils.profiles import is_profile_default
-
     pre = cfg.get("pretrained")
     if not looks_like_path(pre):
         return
     path = _resolve_path(pre)
     if path.exists():
         return
-    if cfg.get("tokenizer", "shapes") == "open_clip":
+    if settings.complete("captions", cfg)["tokenizer"] == "open_clip":
         raise FileNotFoundError(f"captions.pretrained {path} does not exist: the authors' CoCa (the paper's "
                                 f"default) comes with `python -m ris_utils download --what coca-cc3m --data-root "
                                 f"<data_root>`; or name an open_clip tag such as mscoco_finetuned_laion2B-s13B-b90k")
@@ -384,8 +361,8 @@ def check_captioner_checkpoint(cfg: dict) -> None:
 
 def cache_checkpoint(cfg: dict) -> Path:
     """Where a captioner trained on first use is cached: ``<work_dir>/captioner/<model>.pt``."""
-    work = Path(cfg.get("work_dir") or "papermill_runs/output/shapes/work")
-    return work / "captioner" / f"{cfg.get('model', 'coca_shapes')}.pt"
+    cfg = settings.complete("captions", cfg)
+    return layout.captioner_cache(cfg["work_dir"] or "papermill_runs/output/shapes/work", cfg["model"])
 
 
 def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
@@ -396,15 +373,12 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
     ``retrain=True`` always trains (and overwrites the cache). Paper (``tokenizer: open_clip``):
     ``open_clip.create_model_and_transforms(model, pretrained=pretrained)``.
     """
-    from ris_utils.models import resolve_device
-
-    dev = resolve_device(device or cfg.get("device", "auto"))
-    spec = cfg.get("tokenizer", "shapes")
-    name = cfg.get("model", "coca_shapes")
+    cfg = settings.complete("captions", cfg)
+    dev = resolve_device(device or cfg["device"])
+    spec = cfg["tokenizer"]
+    name = cfg["model"]
     check_captioner_checkpoint(cfg)
     if spec == "open_clip":
-        from ris_utils.captioning.tokenizer import build_tokenizer
-
         pre = cfg.get("pretrained")
         path = _resolve_path(pre)
         pretrained = str(path) if path is not None and path.exists() else pre
@@ -436,8 +410,6 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from ris_utils import profiles
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils.train_captioner",
                                  description="Train the shapes-world CoCa captioner (tiny open_clip CoCa).")
     ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")

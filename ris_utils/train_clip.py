@@ -31,10 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from ris_utils import settings
+from ris_utils.captioning.tokenizer import shapes_tokenizer
+from ris_utils.crops import make_views, model_view_settings
+from ris_utils.data import shapes
+from ris_utils.models import register_open_clip_configs, seed_everything, torch_threads, warmup_cosine
+from ris_utils.profiles import parse_params, step_config
 
-DEFAULT_TRAIN = {"steps": 300, "batch_size": 96, "lr": 2e-3, "weight_decay": 0.05, "warmup": 20, "seed": 0,
-                 "fill": 0, "world_seed": 2000, "n_images": 400, "val_images": 60, "image_size": 128, "threads": 1}
+logger = logging.getLogger(__name__)
 
 
 def object_views(world_seed: int, n_images: int, size: int, mean, std, fill=0, image_size: int = 128):
@@ -44,9 +48,6 @@ def object_views(world_seed: int, n_images: int, size: int, mean, std, fill=0, i
     objects: list of ``ShapeObject``, image_index: (N,) int array (which scene each object is from).
     """
     import torch
-
-    from ris_utils.crops import make_views
-    from ris_utils.data import shapes
 
     views, objs, img_idx = [], [], []
     ann = 1
@@ -80,14 +81,12 @@ def multi_positive_loss(img, txt, texts: list[str], scale):
     return (li + lt) / 2
 
 
-def evaluate(model, tokenizer, views, objs, img_idx, prompt: str = "a photo of a {noun}") -> dict:
+def evaluate(model, tokenizer, views, objs, img_idx, prompt: str = settings.Filter.noun_prompt) -> dict:
     """Validation accuracies: ``noun_accuracy`` (masked crop -> the right one of the shape prompts) and
     ``caption_retrieval`` (full caption "a {size} {color} {pattern} {shape}" -> the right object among the
     objects of its image, counted over objects whose attribute combination is unique in their image)."""
     import torch
     import torch.nn.functional as F
-
-    from ris_utils.data import shapes
 
     model.eval()
     with torch.no_grad():
@@ -112,32 +111,24 @@ def evaluate(model, tokenizer, views, objs, img_idx, prompt: str = "a photo of a
 
 
 def train_clip(cfg: dict, out=None, progress: bool = True) -> dict:
-    """Train the shapes CLIP with ``cfg["clip"]`` (``model``, ``train`` settings; see :data:`DEFAULT_TRAIN`).
+    """Train the shapes CLIP with ``cfg["clip"]`` (``model``, ``train`` settings: :class:`ris_utils.settings.ClipTrain`).
 
     Returns the card (also written to ``<out>.json``); the weights go to ``out`` (default
     ``cfg["clip"]["checkpoint"]``).
     """
-    from ris_utils.filtering import torch_threads
-    from ris_utils.models import register_open_clip_configs
-
     ccfg = dict(cfg.get("clip") or {})
-    name = ccfg.get("model", "clip_shapes")
-    tr = {**DEFAULT_TRAIN, **(ccfg.get("train") or {})}
+    name = ccfg.get("model") or "clip_shapes"
+    tr = settings.group(settings.ClipTrain, ccfg.get("train"), "filter.clip.train")
     out = Path(out or ccfg.get("checkpoint") or "clip_shapes.pt")
     register_open_clip_configs()
     # one thread: ~10x faster than 2 threads on a shared 2-core machine (measured)
-    with torch_threads(tr.get("threads")):
+    with torch_threads(tr["threads"], "filter.clip.train.threads"):
         return _train(cfg, ccfg, name, tr, out, progress)
 
 
 def _train(cfg, ccfg, name, tr, out, progress):
     import open_clip
     import torch
-
-    from ris_utils.captioning.tokenizer import shapes_tokenizer
-    from ris_utils.crops import model_view_settings
-    from ris_utils.data import shapes
-    from ris_utils.models import seed_everything, warmup_cosine
 
     seed_everything(int(tr["seed"]))
     model = open_clip.create_model(name, pretrained=None, device="cpu")
@@ -154,7 +145,7 @@ def _train(cfg, ccfg, name, tr, out, progress):
                        tr["image_size"])
     t_data = time.perf_counter() - t0
     rng = np.random.default_rng(int(tr["seed"]))
-    prompt = ccfg.get("noun_prompt", cfg.get("noun_prompt", "a photo of a {noun}"))
+    prompt = ccfg.get("noun_prompt") or cfg.get("noun_prompt") or settings.Filter.noun_prompt
     opt = torch.optim.AdamW(model.parameters(), lr=float(tr["lr"]), weight_decay=float(tr["weight_decay"]))
     steps, bs, warm = int(tr["steps"]), int(tr["batch_size"]), int(tr["warmup"])
     sched = warmup_cosine(opt, steps, warm)
@@ -204,7 +195,6 @@ def _train(cfg, ccfg, name, tr, out, progress):
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from ris_utils.profiles import parse_params, step_config
 
     ap = argparse.ArgumentParser(prog="python -m ris_utils.train_clip", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")

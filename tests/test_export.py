@@ -7,7 +7,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from ris_utils.data import refer
-from ris_utils.export import build_trainsets, export_dataset, mix_datasets, round_half_up, sample_images
+from ris_utils.export import export_dataset, mix_datasets, round_half_up, sample_images
+from ris_utils.pipeline import build_trainsets
 
 
 def _masks(i):

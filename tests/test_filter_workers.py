@@ -7,8 +7,8 @@ import pytest
 
 from ris_utils import engine, profiles
 from ris_utils.data import shapes
-from ris_utils.export import build_trainsets
-from ris_utils.filtering import filter_jobs, step_dirs
+from ris_utils.layout import step_dirs
+from ris_utils.pipeline import build_trainsets, filter_jobs
 
 
 @pytest.fixture(scope="module")

@@ -466,7 +466,7 @@ def test_broken_records_given_to_filter_and_export_are_one_line(tmp_path):
 
 
 def test_a_typod_checkpoint_path_fails_before_any_work_naming_setting_and_path(tmp_path, monkeypatch):
-    from ris_utils import filtering, train_captioner
+    from ris_utils import filtering, pipeline, train_captioner
     from ris_utils.profiles import step_config
 
     trained = []
@@ -477,7 +477,7 @@ def test_a_typod_checkpoint_path_fails_before_any_work_naming_setting_and_path(t
     with pytest.raises(FileNotFoundError, match=r"filter\.clip\.checkpoint .*typo_clip\.pt does not exist"):
         filtering.build_clip(cfg)
     with pytest.raises(FileNotFoundError, match="typo_clip.pt"):
-        filtering.filter_jobs(cfg, step_config("shapes", "captions"), [{"mode": "naive", "split": "train"}], 2)
+        pipeline.filter_jobs(cfg, step_config("shapes", "captions"), [{"mode": "naive", "split": "train"}], 2)
     ccfg = step_config("shapes", "captions", pretrained=str(tmp_path / "typo_coca.pt"))
     with pytest.raises(FileNotFoundError, match=r"captions\.pretrained .*typo_coca\.pt does not exist"):
         train_captioner.load_captioner(ccfg)

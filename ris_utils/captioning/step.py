@@ -34,6 +34,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from ris_utils import engine, layout, profiles, settings
+from ris_utils.captioning import CocaDecoder, generate_candidates
+from ris_utils.data import refer, shapes
+from ris_utils.images import load_image_rgb
+from ris_utils.models import torch_threads
+from ris_utils.train_captioner import check_captioner_checkpoint, load_captioner
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ def decode_settings(cfg: dict) -> list[dict]:
 
 
 def view_kinds(cfg: dict) -> tuple:
-    views = cfg.get("views") or ["masked", 1.0, 1.1, 1.2]
+    views = settings.complete("captions", cfg)["views"]
     out = []
     for v in views:
         if isinstance(v, str) and v != "masked":
@@ -71,13 +79,14 @@ def view_kinds(cfg: dict) -> tuple:
 
 def step_settings(cfg: dict, mode: str) -> dict:
     """The settings that define a run's output (stored by the engine; a rerun with others is refused)."""
-    n_range = cfg.get("n_range") or [2, 30]
-    return {"mode": mode, "model": cfg.get("model"), "pretrained": str(cfg.get("pretrained")),
-            "tokenizer": cfg.get("tokenizer"), "views": [str(v) for v in view_kinds(cfg)],
-            "fill": cfg.get("fill", 0), "settings": decode_settings(cfg), "seq_len": int(cfg.get("seq_len", 30)),
-            "min_seq_len": int(cfg.get("min_seq_len", 5)), "temperature": float(cfg.get("temperature", 1.0)),
-            "n_range": [int(n_range[0]), int(n_range[1])], "seed": int(cfg.get("seed", 0)),
-            "box": cfg.get("box", "exclusive"), "precision": cfg.get("precision", "fp32")}
+    given, cfg = cfg, settings.complete("captions", cfg)
+    n_range = cfg["n_range"]
+    return {"mode": mode, "model": given.get("model"), "pretrained": str(cfg["pretrained"]),
+            "tokenizer": given.get("tokenizer"), "views": [str(v) for v in view_kinds(cfg)],
+            "fill": cfg["fill"], "settings": decode_settings(cfg), "seq_len": int(cfg["seq_len"]),
+            "min_seq_len": int(cfg["min_seq_len"]), "temperature": float(cfg["temperature"]),
+            "n_range": [int(n_range[0]), int(n_range[1])], "seed": int(cfg["seed"]),
+            "box": cfg["box"], "precision": cfg["precision"]}
 
 
 # ------------------------------------------------------------------------------------------ items
@@ -85,13 +94,10 @@ def step_settings(cfg: dict, mode: str) -> dict:
 
 def image_path(rec: dict, cfg: dict) -> str:
     """The image file of a record: its ``path``, else ``<images or the data root's image folder>/<file_name>``
-    (:func:`ris_utils.data.refer.image_dir`: ``images/train2014`` in the REFER toolkit's layout)."""
+    (:func:`ris_utils.layout.image_dir`: ``images/train2014`` in the REFER toolkit's layout)."""
     if rec.get("path"):
         return rec["path"]
-    from ris_utils.data.refer import image_dir
-
-    root = Path(cfg.get("images") or image_dir(cfg.get("data_root", ".")))
-    return str(root / rec["file_name"])
+    return str(layout.images_of(cfg) / rec["file_name"])
 
 
 def split_cap(max_images, split: str) -> int | None:
@@ -109,8 +115,6 @@ def split_cap(max_images, split: str) -> int | None:
 
 def items_from_masks(masks_dir, cfg: dict, max_images: int | None = None) -> list[dict]:
     """Engine items from step 1's records (``masks_dir/records.jsonl``; failed images are skipped)."""
-    from ris_utils import engine
-
     items = []
     for rec in engine.read_records(masks_dir, only_ok=True):
         props = rec.get("proposals")
@@ -128,8 +132,6 @@ def items_from_masks(masks_dir, cfg: dict, max_images: int | None = None) -> lis
 
 def items_from_gt(cfg: dict, split: str, max_images: int | None = None) -> list[dict]:
     """Engine items whose masks are the shapes world's ground-truth objects (``source: gt``)."""
-    from ris_utils.data import refer, shapes
-
     scenes = shapes.load_scenes(cfg["data_root"])
     items = []
     for image_id in sorted(scenes):
@@ -154,12 +156,7 @@ def items_from_gt(cfg: dict, split: str, max_images: int | None = None) -> list[
 
 def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> dict:
     """Record body of one image (see the module docstring)."""
-    import torch
-
-    from ris_utils.captioning import generate_candidates
-    from ris_utils.data import refer
-    from ris_utils.images import load_image_rgb
-
+    cfg = settings.complete("captions", cfg)
     if mode not in MODES:
         raise ValueError(f"captions mode must be one of {MODES}, got {mode!r}")
     image = load_image_rgb(item["path"])
@@ -174,10 +171,10 @@ def caption_image(item: dict, captioner, cfg: dict, mode: str, decoder=None) -> 
     live = [k for k, mask in enumerate(decoded) if mask.any()]
     if live:
         st = step_settings(cfg, mode)
-        views = captioner.views(image, [decoded[k] for k in live], view_kinds(cfg), fill=cfg.get("fill", 0),
-                                box=cfg.get("box", "exclusive"))
+        views = captioner.views(image, [decoded[k] for k in live], view_kinds(cfg), fill=cfg["fill"],
+                                box=cfg["box"])
         dev = next(captioner.model.parameters()).device
-        with torch.no_grad(), precision_context(cfg.get("precision", "fp32"), dev):
+        with torch.no_grad(), precision_context(cfg["precision"], dev):
             cands = generate_candidates(
                 captioner.model, captioner.tokenizer, views.to(dev), st["settings"],
                 distinctive=mode == "distinctive", seed=st["seed"], image_key=item["image_id"],
@@ -199,8 +196,6 @@ def precision_context(precision: str, device):
     l. 223 / 234 at de5d124), i.e. ``torch.autocast("cuda", torch.float16)``, on CUDA only: on any other
     device it is a no-op (fp32), as ``torch.cuda.amp.autocast`` is for CPU tensors. ``"fp32"``: no autocast.
     """
-    import torch
-
     if precision not in PRECISIONS:
         raise ValueError(f"captions.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "autocast_fp16" and torch.device(device).type == "cuda":
@@ -208,29 +203,9 @@ def precision_context(precision: str, device):
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """``torch.set_num_threads(n)`` inside the block (restored after); ``None``/0 leaves torch's default.
-
-    The shapes captioner's ops are tiny (width 64, a few hundred rows): one thread decodes ~4-6x faster than
-    two on the shared 2-core CPU (measured 0.22 vs 1.32 s/image naive, 0.60 vs 2.36 distinctive, same
-    tokens). The thread count does not change the tokens (checked in tests/test_captioning_step.py).
-    """
-    import torch
-
-    prev = torch.get_num_threads()
-    if n:
-        if int(n) < 1:
-            raise ValueError(f"captions.threads must be a positive int or null, got {n!r}")
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def output_dir(cfg: dict, mode: str, split: str) -> Path:
-    return Path(cfg["work_dir"]) / "captions" / mode / split
+    """``<work_dir>/captions/<mode>/<split>`` (:func:`ris_utils.layout.captions_dir`)."""
+    return layout.captions_dir(cfg, mode, split)
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CocaDecoder (beam memo)
@@ -251,21 +226,19 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
       rank, world_size, merge_output: passed to :func:`ris_utils.engine.run` (one shard of the images,
         merged later with ``engine.merge``; see :func:`run_caption_jobs`). Default: one process, merged.
     """
-    from ris_utils import engine
-    from ris_utils.captioning import CocaDecoder
-    from ris_utils.train_captioner import load_captioner
-
+    cfg = settings.complete("captions", cfg)
     if mode not in MODES:
         raise ValueError(f"captions mode must be one of {MODES}, got {mode!r}")
-    max_images = split_cap(cfg.get("max_images"), split)
+    max_images = split_cap(cfg["max_images"], split)
     if items is None:
-        if cfg.get("source", "masks") == "gt":
+        if cfg["source"] == "gt":
             items = items_from_gt(cfg, split, max_images)
         else:
-            masks_dir = Path(masks_dir or Path(cfg["work_dir"]) / "masks" / split)
-            if not (masks_dir / engine.RECORDS).is_file():
+            masks_dir = Path(masks_dir or layout.masks_dir(cfg, split))
+            if not layout.is_done(masks_dir):
                 raise FileNotFoundError(f"{masks_dir / engine.RECORDS} not found: run the masks step for split "
-                                        f"{split!r} first (notebook 01), or set captions.source: gt")
+                                        f"{split!r} first (notebook 01_mask_proposals.ipynb or `python -m ris_utils "
+                                        f"masks --split {split}`), or set captions.source: gt")
             items = items_from_masks(masks_dir, cfg, max_images)
     captioner = captioner or load_captioner(cfg)
     decoder = _DECODERS.get(captioner.model)
@@ -278,10 +251,12 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
     out_dir = Path(out_dir) if out_dir else output_dir(cfg, mode, split)
     st = step_settings(cfg, mode)
     t0 = time.perf_counter()
-    with torch_threads(cfg.get("threads")):
+    with torch_threads(cfg["threads"], "captions.threads"):
         summary = engine.run("captions", items, lambda it: caption_image(it, captioner, cfg, mode, decoder),
                              out_dir, seed=st["seed"], desc=f"captions {mode} {split}", config=st,
                              progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
+    if merge_output and engine.dist_info()[0] == 0:
+        profiles.save_config(cfg, out_dir)  # the resolved settings beside the records
     summary = dict(summary)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out_dir"] = str(out_dir)
@@ -325,10 +300,6 @@ def _run_job(cfg: dict, job: dict, captioner, progress: bool, **shard) -> dict:
 def _caption_shard(cfg: dict, jobs: list[dict], progress: bool, rank: int, world_size: int) -> list[dict]:
     """One worker of :func:`run_caption_jobs`: shard ``rank`` of every job, in order, with one captioner
     (and so one decoder: its beam memo is kept across the jobs). Runs in a spawned process."""
-    import torch
-
-    from ris_utils.train_captioner import load_captioner
-
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     captioner = load_captioner(cfg)
@@ -355,21 +326,17 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     Each summary is the engine's merged summary plus ``seconds`` (with W > 1: the slowest worker's time on
     that job, ``seconds_by_rank`` lists them), ``out_dir`` and ``workers``.
     """
-    from ris_utils import engine
-    from ris_utils.train_captioner import load_captioner
-
+    cfg = settings.complete("captions", cfg)
     jobs = _check_jobs(cfg, jobs)
     n = engine.check_workers(workers, "captions.workers")
     if not jobs:
         return []
     if captioner is None:
-        from ris_utils.train_captioner import check_captioner_checkpoint
-
         check_captioner_checkpoint(cfg)  # a typo'd captions.pretrained fails here, before workers or training
     if n <= 1:
         captioner = captioner or load_captioner(cfg)
         return [{**_run_job(cfg, job, captioner, progress), "workers": 1} for job in jobs]
-    if captioner is None and cfg.get("tokenizer", "shapes") != "open_clip":
+    if captioner is None and cfg["tokenizer"] != "open_clip":
         # a shapes captioner whose checkpoint does not match the profile is trained on first use: do it
         # once here (it is cached under the work dir), not once per worker (a given one was loaded already)
         load_captioner(cfg)
@@ -378,6 +345,7 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
     for k, job in enumerate(jobs):
         out_dir = _job_out_dir(cfg, job)
         summary = dict(engine.merge(out_dir, step="captions"))
+        profiles.save_config(_job_cfg(cfg, job), out_dir)
         per_rank = [shards[r][k]["seconds"] for r in range(n)]
         summary.update(seconds=max(per_rank), seconds_by_rank=per_rank, out_dir=str(out_dir), workers=n)
         out.append(summary)
@@ -393,8 +361,6 @@ def candidate_table(records, scenes: dict, min_iou: float = 0.5) -> list[dict]:
     Row keys: ``image_id, mask_index, obj_id`` (matched GT object or None), ``iou, text, view, setting,
     mode, n_words, distinct`` (``referee(text, scene) == {obj_id}``; False when unmatched).
     """
-    from ris_utils.data import refer, shapes
-
     rows = []
     for rec in records:
         if rec.get("status", "ok") != "ok":
@@ -468,8 +434,6 @@ def text_statistics(records) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     """``python -m ris_utils captions --masks DIR --out DIR --profile NAME [--mode M] [--param k=v]``."""
-    from ris_utils import profiles
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils captions",
                                  description="Step 2: naive / distinctive caption candidates for every mask.")
     ap.add_argument("--masks", default=None,
@@ -491,15 +455,13 @@ def cli(argv: list[str] | None = None) -> int:
     splits = [args.split] if args.split else list(cfg.get("splits") or ["train"])
     if (args.masks or args.out) and len(splits) * len(modes) > 1 and args.out:
         raise SystemExit("--out names one folder: give --mode and --split too (or leave --out out)")
-    workers = args.workers if args.workers is not None else cfg.get("workers", 1)
+    workers = args.workers if args.workers is not None else cfg["workers"]
     jobs = [{"split": split, "mode": mode, "out_dir": args.out, "masks_dir": args.masks}
             for split in splits for mode in modes]
     summaries = run_caption_jobs(cfg, jobs, workers)
     for job, s in zip(jobs, summaries):
         print(f"captions {job['mode']} {job['split']}: {s['ok']} ok, {s['failed']} failed in {s['seconds']} s "
               f"-> {s['out_dir']}")
-    from ris_utils import engine
-
     return engine.strict_exit(args.strict, summaries)
 
 

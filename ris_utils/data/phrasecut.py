@@ -259,7 +259,7 @@ def prepare(cfg: dict) -> dict:
         if key not in cfg:
             raise ValueError(f"phrasecut.prepare: config has no {key!r} (PhraseCut folder / REFER data root)")
     return convert(cfg["root"], cfg["out"], tuple(cfg.get("splits") or ("val", "test", "miniv")),
-                   bool(cfg.get("unseen_only", False)))
+                   bool(cfg.get("unseen_only")))
 
 
 def cli(argv=None) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ris_utils.fileio import atomic_write
+from ris_utils.layout import IMAGE_DIRS, image_dir, instances_path, refs_path
 
 __all__ = [
     "ReferData",
@@ -57,8 +58,8 @@ IMAGE_FIELDS = ("id", "file_name", "height", "width")
 ANN_FIELDS = ("id", "image_id", "category_id", "bbox", "area", "iscrowd", "segmentation")
 CATEGORY_FIELDS = ("id", "name")
 
-#: Where :meth:`ReferData.image_path` looks when no ``image_root`` is given (relative to ``data_root``).
-IMAGE_DIRS = ("images/mscoco/images/train2014", "images/train2014", "images")
+# IMAGE_DIRS (where :meth:`ReferData.image_path` looks when no ``image_root`` is given), image_dir, refs_path,
+# instances_path: ris_utils.layout, re-exported here.
 
 _LAYOUT_HINT = (
     "expected the REFER layout <data_root>/<dataset>/refs(<split_by>).p + <data_root>/<dataset>/instances.json "
@@ -194,24 +195,6 @@ def _validate(where_refs: str, where_inst: str, refs, images, annotations, categ
 
 
 # --------------------------------------------------------------------------- write
-
-
-def image_dir(data_root: str | os.PathLike) -> Path:
-    """The image folder of a REFER data root: the first of :data:`IMAGE_DIRS` that exists under it, else
-    ``<data_root>/images/train2014`` (where the REFER toolkit reads RefCOCO-family images)."""
-    root = Path(data_root)
-    for d in IMAGE_DIRS:
-        if (root / d).is_dir():
-            return root / d
-    return root / "images/train2014"
-
-
-def refs_path(root: str | os.PathLike, dataset: str, split_by: str) -> Path:
-    return Path(root) / dataset / f"refs({split_by}).p"
-
-
-def instances_path(root: str | os.PathLike, dataset: str) -> Path:
-    return Path(root) / dataset / "instances.json"
 
 
 def _jsonable(x):
@@ -416,3 +399,25 @@ def load_refer(data_root: str | os.PathLike, dataset: str, split_by: str,
     cats = {c["id"]: c["name"] for c in instances["categories"]}
     return ReferData(data_root=data_root, dataset=dataset, split_by=split_by, refs=refs, imgs=imgs, anns=anns,
                      cats=cats, image_root=Path(image_root) if image_root is not None else None)
+
+
+def refer_statistics(data_root: str | os.PathLike, datasets: list[dict], pseudo_split: dict | None = None) -> dict:
+    """Counts of a REFER-layout data root: ``data.<dataset>.<split>.{refs,sentences,images}``,
+    ``data.train2014_images`` (files in the REFER image folder) and ``data.pseudo_images`` (unique images of
+    ``pseudo_split = {dataset, split_by, split}``, the images step 1 runs on)."""
+    root = Path(data_root)
+    stats: dict = {}
+    img_dir = root / IMAGE_DIRS[0]
+    if img_dir.is_dir():
+        stats["data.train2014_images"] = sum(1 for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    for d in datasets:
+        data = load_refer(root, d["name"], d["split_by"])
+        for split in sorted({r["split"] for r in data.refs}):
+            refs = select_split(data.refs, split)
+            stats[f"data.{d['name']}.{split}.refs"] = len(refs)
+            stats[f"data.{d['name']}.{split}.sentences"] = sum(len(r["sentences"]) for r in refs)
+            stats[f"data.{d['name']}.{split}.images"] = len({r["image_id"] for r in refs})
+    if pseudo_split:
+        data = load_refer(root, pseudo_split["dataset"], pseudo_split["split_by"])
+        stats["data.pseudo_images"] = len({r["image_id"] for r in select_split(data.refs, pseudo_split["split"])})
+    return stats

@@ -24,9 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_utils import settings
+from ris_utils.layout import IMAGE_DIRS
+from ris_utils.models import init_uninitialised, quiet_random_init, register_open_clip_configs
+
+from .refer import make_annotation, make_ref, make_sentence, refer_statistics, write_refer
+
 logger = logging.getLogger(__name__)
 
-IMAGE_DIR = "images/mscoco/images/train2014"
+IMAGE_DIR = IMAGE_DIRS[0]
 
 #: photo -> split (the REFER split every ref of that photo gets)
 SPLITS = {"coffee": "train", "coins": "train", "rocket": "train", "chelsea": "val", "astronaut": "testA",
@@ -157,8 +163,6 @@ def build_samples(max_side: int = 320, photos: list[str] | None = None):
     """
     from PIL import Image
 
-    from .refer import make_annotation, make_ref, make_sentence
-
     photos = list(photos or SPLITS)
     out_photos, refs, images, anns = {}, [], [], []
     sent_id = 0
@@ -202,8 +206,6 @@ def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path
     import open_clip
     import torch
 
-    from ..models import register_open_clip_configs
-
     register_open_clip_configs()
     path = Path(path)
     card = {"model": model, "seed": int(seed), "kind": "random init (paper-tiny)", "open_clip": open_clip.__version__}
@@ -211,13 +213,9 @@ def write_random_checkpoint(model: str, path: str | Path, seed: int = 0) -> Path
     if path.is_file() and card_file.is_file() and json.loads(card_file.read_text()) == card:
         return path
     torch.manual_seed(int(seed))
-    from ..models import quiet_random_init
-
     with quiet_random_init():  # random on purpose: the card says so
         net = open_clip.create_model(model, pretrained=None, device="cpu")
     if hasattr(net, "text_decoder"):
-        from ..captioning.tiny import init_uninitialised
-
         init_uninitialised(net)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -235,16 +233,14 @@ def prepare(cfg: dict) -> dict:
     :data:`SPLITS`); ``max_side`` (default 320); ``pseudo_split`` (as for the paper profile);
     ``random_checkpoints`` (list of ``{model, path, seed}``, path relative to ``data_root``: see
     :func:`write_random_checkpoint`).
-    Returns the same statistics as :func:`ris_utils.download.refer_statistics` plus ``data.world``.
+    Returns the same statistics as :func:`ris_utils.data.refer.refer_statistics` plus ``data.world``.
     """
     from PIL import Image
 
-    from ..download import refer_statistics
-    from .refer import write_refer
-
     root = Path(cfg["data_root"])
     datasets = cfg.get("datasets") or [{"name": "refcoco+", "split_by": "unc"}]
-    photos, refs, images, anns = build_samples(int(cfg.get("max_side", 320)), cfg.get("photos"))
+    cfg = settings.complete("data", cfg)
+    photos, refs, images, anns = build_samples(int(cfg["max_side"]), cfg["photos"])
     img_dir = root / IMAGE_DIR
     img_dir.mkdir(parents=True, exist_ok=True)
     for file_name, img in photos.items():

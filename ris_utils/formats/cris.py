@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ris_utils.data import refer as refer_io
+
 #: the ids COCO's 91-category numbering skips (the 80 used ids are compacted to 0..79 by CRIS)
 _COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 #: the splits data_process.py writes per dataset family
@@ -63,7 +65,6 @@ def write_cris(export_dir, out_dir, dataset: str | None = None, split_by: str | 
     from PIL import Image
     from tqdm import tqdm
 
-    from ris_utils.data import refer as refer_io
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if dataset is None or split_by is None:

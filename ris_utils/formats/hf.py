@@ -19,6 +19,8 @@ import math
 import os
 from pathlib import Path
 
+from ris_utils.data import refer as refer_io
+
 DATA_FILE = "data/train-00000-of-00001.parquet"
 
 
@@ -58,8 +60,6 @@ def _docs_by_mask(export_dir: Path) -> dict:
 
 def hf_rows(export_dir, out_dir) -> list[dict]:
     """The rows of the HF dataset of an export (see the module docstring)."""
-    from ris_utils.data import refer as refer_io
-
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     card = json.loads((export_dir / "dataset_card.json").read_text())
     data = refer_io.load_refer(export_dir, card["dataset"], card["split_by"])

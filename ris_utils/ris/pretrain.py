@@ -160,8 +160,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
     import torch.nn.functional as F
 
     from ris_utils.captioning.tokenizer import shapes_tokenizer
-    from ris_utils.filtering import torch_threads
-    from ris_utils.models import seed_everything, warmup_cosine
+    from ris_utils.models import seed_everything, torch_threads, warmup_cosine
     from ris_utils.ris.dataset import CLIP_MEAN, CLIP_STD
     from ris_utils.ris.model import dense_map
 
