@@ -56,146 +56,16 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ris_utils.data.sources import GROUPS, SOURCES, Source
 from ris_utils.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "pseudo-ris-downloader/0.1 (+https://github.com/pseudo-ris/pseudo-ris)"
 LOCK_NAME = "checksums.lock.json"
-COCO_TRAIN2014_IMAGES = 82_783
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Source:
-    """One downloadable file.
-
-    Attributes:
-      name: the ``--what`` name.
-      urls: official URL first, then mirrors (tried in order when one fails).
-      filename: name of the downloaded file.
-      dest: folder (relative to ``--data-root``) the file goes to (archives: ``downloads``).
-      size: expected size in bytes (None = unknown: recorded in the lock file on first download).
-      sha256 / md5: expected digest (None = unknown).
-      checksum_source: where ``size`` / the digest come from (shown in messages).
-      extract_to: for zip archives, the folder (relative to ``--data-root``) the archive unpacks into.
-      provides: paths (relative to ``--data-root``) that exist once the entry is in place; when all exist,
-        nothing is downloaded.
-      note: one line shown by ``--list``.
-      manual: no automatic download; ``note`` says how to get it.
-    """
-
-    name: str
-    urls: tuple[str, ...]
-    filename: str
-    dest: str
-    size: int | None = None
-    sha256: str | None = None
-    md5: str | None = None
-    checksum_source: str = "none published: recorded in checksums.lock.json on first download"
-    extract_to: str | None = None
-    provides: tuple[str, ...] = ()
-    note: str = ""
-    manual: bool = False
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-
-
-_REFER_NOTE = ("REFER annotations (Licheng Yu's cleaned RefCOCO family, github.com/lichengunc/refer); the UNC "
-               "server is often down, the Internet Archive capture is the mirror")
-_REFER_SUMS = ("sha256 of the Internet Archive capture as recorded by a third-party project "
-               "(not published by the dataset authors); size recorded on first download")
-
-
-def _refer(name: str, sha256: str, capture: str, provides: tuple[str, ...]) -> Source:
-    base = "bvisionweb1.cs.unc.edu/licheng/referit/data"
-    return Source(
-        name=name,
-        urls=(f"https://{base}/{name}.zip", f"https://web.archive.org/web/{capture}id_/https://{base}/{name}.zip"),
-        filename=f"{name}.zip", dest="downloads", sha256=sha256, checksum_source=_REFER_SUMS,
-        extract_to=".", provides=provides, note=_REFER_NOTE,
-    )
-
-
-#: The source table. Sizes and digests: see each entry's ``checksum_source``.
-SOURCES: dict[str, Source] = {s.name: s for s in (
-    _refer("refcoco", "7f924bb7ed8dc4568058e4ff626281918d56e5206f4c868c5a80f088f38c8bf0", "20220413011718",
-           ("refcoco/refs(unc).p", "refcoco/instances.json")),
-    _refer("refcoco+", "5f1238112d63199e68da54a28f201471909b21ded7ed79a57d51b4c1443c6b45", "20220413011656",
-           ("refcoco+/refs(unc).p", "refcoco+/instances.json")),
-    _refer("refcocog", "3d1f7e5b2ff2205940bf59de55f861f5f2cc1403fb980669933a7f9af1aa8211", "20220413012904",
-           ("refcocog/refs(umd).p", "refcocog/instances.json")),
-    Source(
-        name="coco-train2014",
-        # https first; the plain-http URL (the one COCO's site links) only as a fallback: the file is checked by
-        # size + md5 before it is used either way
-        urls=("https://images.cocodataset.org/zips/train2014.zip", "http://images.cocodataset.org/zips/train2014.zip"),
-        filename="train2014.zip", dest="downloads", size=13_510_573_713, md5="0da8c0bd3d6becc4dcb32757491aca88",
-        checksum_source=("size = the server's Content-Length; md5 as recorded by third-party loaders (LAVIS, "
-                         "pystiche); COCO publishes no checksum"),
-        extract_to="images/mscoco/images", provides=("images/mscoco/images/train2014",),
-        note="COCO train2014 images (82,783 files, 13.5 GB zip): every RefCOCO/+/g image is in it",
-    ),
-    Source(
-        name="sam-vit-h", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",),
-        filename="sam_vit_h_4b8939.pth", dest="checkpoints", size=2_564_550_879,
-        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
-        md5="4b8939a88964f0f4ff5f5b2642c598a6",
-        checksum_source=("md5 prefix in Meta's file name (4b8939); full md5/sha256 and size as recorded by "
-                         "several third-party downloaders"),
-        provides=("checkpoints/sam_vit_h_4b8939.pth",), note="SAM ViT-H (the paper's mask generator)",
-        aliases=("sam", "sam-vit_h"),
-    ),
-    Source(
-        name="sam-vit-l", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",),
-        filename="sam_vit_l_0b3195.pth", dest="checkpoints", size=1_249_524_607,
-        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
-        checksum_source="md5 prefix in Meta's file name (0b3195); sha256/size as recorded by third-party downloaders",
-        provides=("checkpoints/sam_vit_l_0b3195.pth",), note="SAM ViT-L (not used by the paper; smaller GPUs)",
-    ),
-    Source(
-        name="sam-vit-b", urls=("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",),
-        filename="sam_vit_b_01ec64.pth", dest="checkpoints", size=375_042_383,
-        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
-        checksum_source="md5 prefix in Meta's file name (01ec64); sha256/size as recorded by third-party downloaders",
-        provides=("checkpoints/sam_vit_b_01ec64.pth",), note="SAM ViT-B (not used by the paper; quick trials)",
-    ),
-    Source(
-        name="coca-cc3m",
-        urls=("https://huggingface.co/SeonghoonYu/pseudo-ris/resolve/main/epoch_1.pt",
-              "https://huggingface.co/SeonghoonYu/pseudo-ris/resolve/main/logs/laion_cc3m/checkpoints/epoch_1.pt"),
-        filename="coca_laion_cc3m_epoch_1.pt", dest="checkpoints",
-        provides=("checkpoints/coca_laion_cc3m_epoch_1.pt",),
-        note=("the authors' CoCa ViT-L/14 (LAION-2B, fine-tuned by them on CC3M): the paper's captioner "
-              "(distinctive_caption_generation.py l. 35-47 loads logs/laion_cc3m/checkpoints/epoch_1.pt), an "
-              "open_clip training checkpoint from the Hugging Face repo SeonghoonYu/pseudo-ris, loaded with "
-              "open_clip's pretrained=<path>; the file's path inside that repo is not documented: the two "
-              "likely ones are tried, else put epoch_1.pt there by hand"),
-        aliases=("coca", "coca-laion-cc3m"),
-    ),
-    Source(
-        name="cutler", urls=("https://dl.fbaipublicfiles.com/cutler/checkpoints/cutler_cascade_final.pth",),
-        filename="cutler_cascade_final.pth", dest="checkpoints",
-        provides=("checkpoints/cutler_cascade_final.pth",),
-        note=("CutLER cascade Mask R-CNN (the authors' SAM-mask selector; needs detectron2, run it outside "
-              "this package and pass its detections as masks.external_masks)"),
-    ),
-    Source(
-        name="phrasecut", urls=("https://github.com/ChenyunWu/PhraseCutDataset",), filename="", dest="phrasecut",
-        provides=("phrasecut",), manual=True,
-        note=("PhraseCut (the unseen-domain benchmark, Visual Genome images): download with the dataset's own "
-              "script (git clone https://github.com/ChenyunWu/PhraseCutDataset && python download_dataset.py) "
-              "and link its data/VGPhraseCut_v0 folder as DIR/phrasecut"),
-    ),
-)}
-
-#: What the paper profile needs (``--what paper``).
-GROUPS = {
-    "paper": ("refcoco", "refcoco+", "refcocog", "coco-train2014", "sam-vit-h", "coca-cc3m"),
-    "refer": ("refcoco", "refcoco+", "refcocog"),
-}
 
 
 # --------------------------------------------------------------------------- errors
@@ -318,25 +188,7 @@ def fetch(url: str, dest: str | os.PathLike, *, expected_size: int | None = None
         req = urllib.request.Request(url, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status = getattr(resp, "status", 200)
-                mode = "ab"
-                if status == 206:
-                    crange = resp.headers.get("Content-Range", "")
-                    start = int(crange.split()[1].split("-")[0]) if crange.startswith("bytes ") else have
-                    if start != have:
-                        raise DownloadError(f"{url}: server resumed at byte {start}, asked for {have}")
-                    total = int(crange.rsplit("/", 1)[1]) if "/" in crange and not crange.endswith("*") else None
-                else:  # 200: the whole file (the server ignored Range, or this is the first request)
-                    if have:
-                        logger.info("%s: server ignored the Range request; restarting from zero", url)
-                    have, mode = 0, "wb"
-                    length = resp.headers.get("Content-Length")
-                    total = int(length) if length is not None else None
-                if expected_size is not None and total is not None and total != expected_size:
-                    raise ChecksumError(f"{url}: server announces {total} bytes, expected {expected_size} "
-                                        f"(table entry for {dest.name}); the file on the server changed")
-                total = total if total is not None else expected_size
-                _copy_body(resp, part, mode, have, total, dest.name, progress)
+                total = _receive(resp, url, dest, part, have, expected_size, progress)
             got = part.stat().st_size
             if total is not None and got < total:
                 raise http.client.IncompleteRead(b"", total - got)
@@ -375,6 +227,32 @@ def fetch(url: str, dest: str | os.PathLike, *, expected_size: int | None = None
         verify(part)
     os.replace(part, dest)
     return dest
+
+
+def _receive(resp, url: str, dest: Path, part: Path, have: int, expected_size: int | None, progress: bool
+             ) -> int | None:
+    """Append a 206 answer to ``part`` (resumed at ``have``) or write a 200 answer over it; returns the file's
+    announced total size (``expected_size`` when the server names none)."""
+    status = getattr(resp, "status", 200)
+    mode = "ab"
+    if status == 206:
+        crange = resp.headers.get("Content-Range", "")
+        start = int(crange.split()[1].split("-")[0]) if crange.startswith("bytes ") else have
+        if start != have:
+            raise DownloadError(f"{url}: server resumed at byte {start}, asked for {have}")
+        total = int(crange.rsplit("/", 1)[1]) if "/" in crange and not crange.endswith("*") else None
+    else:  # 200: the whole file (the server ignored Range, or this is the first request)
+        if have:
+            logger.info("%s: server ignored the Range request; restarting from zero", url)
+        have, mode = 0, "wb"
+        length = resp.headers.get("Content-Length")
+        total = int(length) if length is not None else None
+    if expected_size is not None and total is not None and total != expected_size:
+        raise ChecksumError(f"{url}: server announces {total} bytes, expected {expected_size} "
+                            f"(table entry for {dest.name}); the file on the server changed")
+    total = total if total is not None else expected_size
+    _copy_body(resp, part, mode, have, total, dest.name, progress)
+    return total
 
 
 def _copy_body(resp, part: Path, mode: str, have: int, total: int | None, label: str, progress: bool) -> None:
@@ -532,124 +410,6 @@ def ensure(source: Source, data_root: str | os.PathLike, *, verify_existing: boo
 def download(what: str | list[str], data_root: str | os.PathLike, **kw) -> list[dict]:
     """:func:`ensure` every item of ``what`` (comma list, groups ``paper`` / ``refer`` allowed)."""
     return [ensure(s, data_root, **kw) for s in resolve_names(what)]
-
-
-# --------------------------------------------------------------------------- prepare (notebook 00)
-
-
-def prepare(cfg: dict) -> dict:
-    """``data.world: refer`` (the paper profile): check / download what the profile needs, return statistics.
-
-    Keys read from ``cfg`` (the profile's ``data`` section merged with ``shared``): ``data_root``,
-    ``datasets`` (list of ``{name, split_by}``), ``need`` (``--what`` names, default: the datasets +
-    ``coco-train2014``), ``download`` (bool: fetch what is missing; false = only check and say what to run),
-    ``pseudo_split`` (dataset/split whose unique images step 1 uses, e.g. ``{dataset: refcoco+, split_by:
-    unc, split: train}``), ``unseen_domain`` (optional: PhraseCut, see :func:`prepare_unseen_domain`).
-
-    Returns flat statistics (``data.<dataset>.<split>.refs`` ..., ``data.train2014_images``; with PhraseCut
-    also ``data.<split_by>.<split>.refs`` ..., e.g. ``data.phrasecut_unseen.test.refs``).
-    """
-    root = Path(cfg["data_root"])
-    datasets = cfg.get("datasets") or [{"name": "refcoco+", "split_by": "unc"}]
-    need = cfg.get("need") or [*(d["name"] for d in datasets), "coco-train2014"]
-    missing = [s for s in resolve_names(need) if not is_present(s, root)]
-    if missing and cfg.get("download", False):
-        download([s.name for s in missing], root, progress=cfg.get("progress", True))
-        missing = [s for s in missing if not is_present(s, root)]
-    if missing:
-        names = ",".join(s.name for s in missing)
-        raise FileNotFoundError(
-            f"the paper profile needs {names} under data_root={root}, which are missing. Run\n"
-            f"  python -m ris_utils download --what {names} --data-root {root}\n"
-            f"or set data.download: true in the profile (papermill_runs/{cfg.get('profile', 'paper')}.yaml)."
-        )
-    stats = refer_statistics(root, datasets, cfg.get("pseudo_split"))
-    n_coco = stats.get("data.train2014_images")
-    if "coco-train2014" in need and n_coco is not None and n_coco < COCO_TRAIN2014_IMAGES:
-        logger.warning("%s holds %d images, COCO train2014 has %d: images of some refs may be missing",
-                       root / "images/mscoco/images/train2014", n_coco, COCO_TRAIN2014_IMAGES)
-    if cfg.get("unseen_domain"):
-        stats.update(prepare_unseen_domain(cfg["unseen_domain"], root))
-    return stats
-
-
-def prepare_unseen_domain(ud: dict, data_root: str | os.PathLike) -> dict:
-    """Convert PhraseCut (the unseen-domain benchmark) into its own REFER root, once; return its ref counts.
-
-    ``ud`` = the profile's ``data.unseen_domain``: ``root`` (the PhraseCut folder ``data/VGPhraseCut_v0``,
-    relative to ``data_root``), ``out`` (the REFER root to write, relative to the project root like the
-    profile's paths; its own root because ``<out>/images`` becomes a link to PhraseCut's images while
-    ``data_root/images`` holds COCO's), ``splits`` (PhraseCut splits, default ``[test]``, the benchmark split)
-    and ``unseen_only`` (default true: only ``refs(phrasecut_unseen).p``, the tasks outside COCO's 80
-    categories). When ``root`` is absent this logs a warning naming the manual download and returns ``{}``.
-    The conversion is skipped when the refs file is newer than every source file and was written with the
-    same splits / unseen_only (``<out>/phrasecut/convert.json``). Returns ``data.<split_by>.<split>.refs``
-    (+ ``.sentences``, ``.images``) for each refs file written.
-    """
-    from .data import phrasecut
-    from .profiles import resolve_paths
-
-    for key in ("root", "out"):
-        if not ud.get(key):
-            raise ValueError(f"data.unseen_domain needs {key!r} (PhraseCut folder under data_root / REFER root "
-                             f"to write), got {ud!r}")
-    src = Path(data_root) / ud["root"]
-    out = Path(resolve_paths({"data_root": str(ud["out"])})["data_root"])
-    splits = [str(s) for s in (ud.get("splits") or ["test"])]
-    unseen_only = bool(ud.get("unseen_only", True))
-    if not src.is_dir():
-        logger.warning("unseen domain: no PhraseCut folder at %s, so its benchmark is not prepared (the grid "
-                       "skips it). %s", src, SOURCES["phrasecut"].note)
-        return {}
-    split_bys = [phrasecut.SPLIT_BY_UNSEEN] + ([] if unseen_only else [phrasecut.SPLIT_BY])
-    refs_file = out / phrasecut.DATASET / f"refs({phrasecut.SPLIT_BY_UNSEEN}).p"
-    stamp = out / phrasecut.DATASET / "convert.json"
-    settings = {"root": str(src.resolve()), "splits": splits, "unseen_only": unseen_only}
-    sources = [src / "image_data_split.json", *(src / f"refer_{sp}.json" for sp in splits)]
-    newest = max((p.stat().st_mtime for p in sources if p.is_file()), default=0.0)
-    fresh = (refs_file.is_file() and refs_file.stat().st_mtime > newest and stamp.is_file()
-             and json.loads(stamp.read_text()) == settings
-             and all((out / phrasecut.DATASET / f"refs({sb}).p").is_file() for sb in split_bys))
-    if fresh:
-        logger.info("unseen domain: %s is up to date", refs_file)
-    else:
-        t0 = time.time()
-        res = phrasecut.convert(src, out, tuple(splits), unseen_only=unseen_only)
-        atomic_write(stamp, json.dumps(settings, indent=1))
-        logger.info("unseen domain: PhraseCut %s -> %s (%d refs, %d unseen) in %.0f s", splits, res["out"],
-                    res["refs"], res["refs_unseen"], time.time() - t0)
-    stats: dict = {}
-    for sb in split_bys:
-        if not (out / phrasecut.DATASET / f"refs({sb}).p").is_file():
-            continue  # no unseen task at all (convert writes no unseen file then)
-        counts = refer_statistics(out, [{"name": phrasecut.DATASET, "split_by": sb}])
-        prefix = f"data.{phrasecut.DATASET}."
-        stats.update({f"data.{sb}." + k[len(prefix):]: v for k, v in counts.items() if k.startswith(prefix)})
-    return stats
-
-
-def refer_statistics(data_root: str | os.PathLike, datasets: list[dict], pseudo_split: dict | None = None) -> dict:
-    """Counts of a REFER-layout data root: ``data.<dataset>.<split>.{refs,sentences,images}``,
-    ``data.train2014_images`` (files in the REFER image folder) and ``data.pseudo_images`` (unique images of
-    ``pseudo_split = {dataset, split_by, split}``, the images step 1 runs on)."""
-    from .data.refer import load_refer, select_split
-
-    root = Path(data_root)
-    stats: dict = {}
-    img_dir = root / "images/mscoco/images/train2014"
-    if img_dir.is_dir():
-        stats["data.train2014_images"] = sum(1 for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".png"))
-    for d in datasets:
-        data = load_refer(root, d["name"], d["split_by"])
-        for split in sorted({r["split"] for r in data.refs}):
-            refs = select_split(data.refs, split)
-            stats[f"data.{d['name']}.{split}.refs"] = len(refs)
-            stats[f"data.{d['name']}.{split}.sentences"] = sum(len(r["sentences"]) for r in refs)
-            stats[f"data.{d['name']}.{split}.images"] = len({r["image_id"] for r in refs})
-    if pseudo_split:
-        data = load_refer(root, pseudo_split["dataset"], pseudo_split["split_by"])
-        stats["data.pseudo_images"] = len({r["image_id"] for r in select_split(data.refs, pseudo_split["split"])})
-    return stats
 
 
 # --------------------------------------------------------------------------- CLI

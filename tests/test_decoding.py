@@ -9,7 +9,6 @@ import torch
 from ris_utils.captioning import (
     CocaDecoder,
     DecodeSetting,
-    DistinctiveContrast,
     MinLengthLogitsProcessor,
     SamplingSetProcessor,
     TemperatureLogitsProcessor,
@@ -388,23 +387,6 @@ def test_processor_arguments_validated_with_names():
     with pytest.raises(ValueError, match="unique names"):
         parse_settings(["top_k=5", {"top_k": 5}])
     assert [s.name for s in parse_settings(["beam", {"top_k": 5}, {"top_p": 0.4}])] == ["beam", "top_k=5", "top_p=0.4"]
-
-
-def test_distinctive_contrast_rule_hand_checked():
-    rule = DistinctiveContrast(eos_token_id=0)
-    # tokens: 0 = eot, 1, 2 in the set; 3 removed
-    z = torch.tensor([[1.0, 2.0, 2.0, -float("inf")]])
-    removed = torch.tensor([[False, False, False, True]])
-    c = torch.tensor([[5.0, 1.0, 0.0, 7.0]])  # token 1 is also likely under the other masks
-    p = rule(None, z, c, removed)[0]
-    plain = torch.softmax(z, -1)[0]
-    zc = torch.tensor([1.0 - 5.0, 2.0 - 1.0, 2.0, -float("inf")]).softmax(-1)
-    want = torch.tensor([plain[0], zc[1], zc[2], 0.0])
-    assert torch.allclose(p, want / want.sum())
-    assert p[2] > p[1] and p[3] == 0
-    # vanishing probabilities fall back to the target-only distribution
-    bad = rule(None, z, torch.full_like(c, float("nan")), removed)[0]
-    assert torch.allclose(bad, plain)
 
 
 def test_generate_candidates_shape_and_records(coca):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ris_utils import download as dl
-from ris_utils.data import refer
+from ris_utils.data import paper, refer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -233,7 +233,7 @@ def test_zip_is_unpacked_into_the_refer_layout_and_prepare_reads_it(server, tmp_
     imgs = root / "images/mscoco/images/train2014"
     imgs.mkdir(parents=True)
     (imgs / "COCO_train2014_000000000005.jpg").write_bytes(b"jpg")
-    stats = dl.prepare({"data_root": str(root), "datasets": [{"name": "refcoco", "split_by": "unc"}],
+    stats = paper.prepare({"data_root": str(root), "datasets": [{"name": "refcoco", "split_by": "unc"}],
                         "pseudo_split": {"dataset": "refcoco", "split_by": "unc", "split": "train"}})
     assert len(server.requests) == n_requests
     assert stats["data.refcoco.train.refs"] == 1 and stats["data.refcoco.testA.sentences"] == 2
@@ -242,7 +242,7 @@ def test_zip_is_unpacked_into_the_refer_layout_and_prepare_reads_it(server, tmp_
 
 def test_prepare_names_the_command_when_data_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m ris_utils download --what refcoco\+,coco-train2014"):
-        dl.prepare({"data_root": str(tmp_path), "datasets": [{"name": "refcoco+", "split_by": "unc"}],
+        paper.prepare({"data_root": str(tmp_path), "datasets": [{"name": "refcoco+", "split_by": "unc"}],
                     "download": False, "profile": "paper"})
 
 
@@ -299,10 +299,10 @@ def test_prepare_downloads_what_is_missing_when_asked(server, tmp_path, monkeypa
     root = tmp_path / "data"
     cfg = {"data_root": str(root), "datasets": [{"name": "refcoco", "split_by": "unc"}], "need": ["refcoco"],
            "download": True, "progress": False}
-    stats = dl.prepare(cfg)
+    stats = paper.prepare(cfg)
     assert stats["data.refcoco.train.refs"] == 1 and stats["data.refcoco.testA.refs"] == 1
     assert json.loads((root / dl.LOCK_NAME).read_text())["refcoco"]["sha256"] == hashlib.sha256(body).hexdigest()
-    dl.prepare(cfg)  # everything present: no second request
+    paper.prepare(cfg)  # everything present: no second request
     assert [p for p, _ in server.requests] == ["/refcoco.zip"]
 
 

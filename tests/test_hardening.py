@@ -286,7 +286,7 @@ def test_odd_files_become_error_records_naming_file_and_reason(odd_files, tmp_pa
             raise MemoryError()
         return real(image, *a, **k)
 
-    monkeypatch.setattr(masks, "propose_masks", propose)
+    monkeypatch.setattr(masks.step, "propose_masks", propose)  # the step module calls it
     items = masks.image_items_from(odd_files)
     cfg = {"backend": "components", "selector": {"kind": "none"}, "seed": 0, "max_pixels": 10_000}
     s = masks.run_masks(cfg, items, tmp_path / "out", progress=False)

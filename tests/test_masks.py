@@ -30,7 +30,7 @@ def _rle(mask):
 
 def _prop(mask, iou=0.9, stab=0.9):
     r = _rle(mask)
-    return masks.Proposal(segmentation=r, bbox=[float(v) for v in mask_utils.toBbox(masks._rle_bytes(r))],
+    return masks.Proposal(segmentation=r, bbox=[float(v) for v in mask_utils.toBbox(masks.rle_bytes(r))],
                           area=int(np.asarray(mask).sum()), predicted_iou=iou, stability_score=stab)
 
 

@@ -1,4 +1,4 @@
-"""PhraseCut in the paper profile: notebook 00 converts it (download.prepare), notebook 04's grid scores the
+"""PhraseCut in the paper profile: notebook 00 converts it (data.paper.prepare), notebook 04's grid scores the
 pseudo rows on it (eval_only / optional / own data_root eval sets), notebook 05's table gets its column."""
 
 import json
@@ -11,8 +11,7 @@ import pytest
 import torch
 from test_phrasecut import IMAGES, rect, task, write_phrasecut
 
-from ris_utils import download as dl
-from ris_utils.data import phrasecut
+from ris_utils.data import paper, phrasecut
 from ris_utils.data.refer import load_refer
 from ris_utils.ris import experiments, tables
 from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
@@ -151,7 +150,7 @@ def _prepare_cfg(root, out):
 def test_prepare_warns_when_phrasecut_is_absent(tmp_path, caplog):
     cfg = _prepare_cfg(tmp_path / "data", tmp_path / "pc_refer")
     with caplog.at_level(logging.WARNING, logger="ris_utils.download"):
-        stats = dl.prepare(cfg)
+        stats = paper.prepare(cfg)
     assert "download_dataset.py" in caplog.text and str(tmp_path / "data" / "phrasecut") in caplog.text
     assert stats["data.refcoco.train.refs"] == 4 and not any("phrasecut" in k for k in stats)
     assert not (tmp_path / "pc_refer").exists()
@@ -164,7 +163,7 @@ def test_prepare_converts_phrasecut_once(tmp_path, monkeypatch):
     calls = []
     convert = phrasecut.convert
     monkeypatch.setattr(phrasecut, "convert", lambda *a, **k: calls.append(a) or convert(*a, **k))
-    stats = dl.prepare(cfg)
+    stats = paper.prepare(cfg)
     assert calls == [(src, out, ("test",))]
     assert stats["data.phrasecut_unseen.test.refs"] == N_UNSEEN_TEST
     assert stats["data.phrasecut_unseen.test.images"] == 2 and stats["data.refcoco.train.refs"] == 4
@@ -172,11 +171,11 @@ def test_prepare_converts_phrasecut_once(tmp_path, monkeypatch):
     assert sorted(data.cats.values()) == ["fence", "sky"] and data.image_path(12).is_file()
     assert not (out / "phrasecut" / "refs(phrasecut).p").exists()  # unseen subset only
     assert not (tmp_path / "data" / "images" / "11.jpg").exists()  # data_root's images untouched
-    assert dl.prepare(cfg) == stats and len(calls) == 1  # up to date: not converted again
+    assert paper.prepare(cfg) == stats and len(calls) == 1  # up to date: not converted again
     later = (out / "phrasecut" / "refs(phrasecut_unseen).p").stat().st_mtime + 10
     os.utime(src / "refer_test.json", (later, later))  # the source changed: converted again
-    assert dl.prepare(cfg) == stats and len(calls) == 2
+    assert paper.prepare(cfg) == stats and len(calls) == 2
     cfg["unseen_domain"]["unseen_only"] = False  # other settings: converted again, both refs files counted
-    stats = dl.prepare(cfg)
+    stats = paper.prepare(cfg)
     assert len(calls) == 3 and stats["data.phrasecut.test.refs"] == len(TEST_TASKS)
     assert stats["data.phrasecut_unseen.test.refs"] == N_UNSEEN_TEST

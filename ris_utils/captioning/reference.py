@@ -5,10 +5,16 @@ No KV cache: every step re-runs the whole prefix through open_clip's own modules
 ``distinctive_caption_sampling`` do. The sampling noise is the same keyed noise as the fast path
 (:mod:`~ris_utils.captioning.noise`), so the tokens can be compared one for one.
 
-* :func:`reference_sample_row` - ONE caption, unbatched, with the paper's formula written out directly.
+* :func:`reference_sample_row` - ONE caption, unbatched: the contrast term ``c_i`` written out directly (every
+  ``z_j`` by a full recompute under crop j).
 * :func:`reference_sample_image_authors` - shaped like the authors' code: one image (one view) at a time,
   all masks x settings of it as one batch, the whole prefix recomputed every step, the contrast term
   from a second decoder pass over (rows x (N-1)) repeated prefixes.
+
+Both apply the contrast rule itself through :class:`~ris_utils.captioning.processors.DistinctiveContrast` (the
+one copy of its lines; ``tests/test_distinctive_by_hand.py`` checks it against cases worked by hand from the paper's
+equation), so what they check is everything around the rule: the KV cache, the batching of masks x views x
+settings, the mixing of ``c_i`` before the output projection, the keyed noise.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decoding import DecodeSetting, TokenIds
+from .decoder import MAX_MASKS, MIN_MASKS, MIN_SEQ_LEN, SEQ_LEN, TEMPERATURE, DecodeSetting, TokenIds
 from .noise import keyed_uniform, sample_inverse_cdf
-from .processors import FILTER_VALUE, MinLengthLogitsProcessor, SamplingSetProcessor
+from .processors import FILTER_VALUE, DistinctiveContrast, MinLengthLogitsProcessor, SamplingSetProcessor
 
 
 @torch.no_grad()
@@ -38,9 +44,9 @@ def _set_and_plain(z, prefix, setting: DecodeSetting, ids: TokenIds, min_seq_len
 
 @torch.no_grad()
 def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_latents: torch.Tensor, i: int,
-                         setting: DecodeSetting, key: int, *, distinctive: bool, seq_len: int = 30,
-                         min_seq_len: int = 5, temperature: float = 1.0, min_masks: int = 2,
-                         max_masks: int = 30) -> list[int]:
+                         setting: DecodeSetting, key: int, *, distinctive: bool, seq_len: int = SEQ_LEN,
+                         min_seq_len: int = MIN_SEQ_LEN, temperature: float = TEMPERATURE, min_masks: int = MIN_MASKS,
+                         max_masks: int = MAX_MASKS) -> list[int]:
     """One caption for mask ``i`` of one view, unbatched and without cache.
 
     Arguments:
@@ -48,12 +54,13 @@ def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_l
         image_latents: (N, E) their CoCa image embeddings.
     At each step t (prefix y_<t):
     ``z_k = logits(y_<t | crop k)`` for every k; ``s_ij = cos(latent_i, latent_j)``;
-    ``z'_i = z_i - 1/(N-1) * sum_{j != i} s_ij z_j`` on i's top-k/top-p set (-inf elsewhere);
-    ``p = softmax(z'_i / T)``, ``p[eot] = softmax(z_i / T)[eot]``, ``p /= sum(p)``; plain when N < 2 or N > 30.
+    ``c_i = 1/(N-1) * sum_{j != i} s_ij z_j``, then the rule (:class:`DistinctiveContrast`) on i's top-k/top-p
+    set; plain ``softmax(z_i / T)`` when N < 2 or N > 30.
     """
     n = image_embs.shape[0]
     contrast = distinctive and min_masks <= n <= max_masks
     lat = F.normalize(image_latents.float(), dim=-1)
+    rule = DistinctiveContrast(ids.eot, temperature)
     tokens = [ids.sot]
     for pos in range(seq_len - 1):
         prefix = torch.tensor([tokens], device=image_embs.device)
@@ -70,13 +77,7 @@ def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_l
                     continue
                 s_ij = float(lat[i] @ lat[j])
                 c = c + s_ij * full_logits(model, image_embs[j: j + 1], prefix).float()
-            c = c / (n - 1)
-            zc = (zf - c).masked_fill(removed, FILTER_VALUE)
-            p = torch.softmax(zc / temperature, dim=-1)
-            p[:, ids.eot] = plain[:, ids.eot]
-            total = float(p.sum())
-            if np.isfinite(total) and total > 0 and bool(torch.isfinite(p).all()):
-                probs = p / total
+            probs = rule(prefix, zf, c / (n - 1), removed)
         if setting.kind == "greedy":
             tok = int(probs.argmax(dim=-1))
         else:
@@ -89,9 +90,9 @@ def reference_sample_row(model, ids: TokenIds, image_embs: torch.Tensor, image_l
 
 @torch.no_grad()
 def reference_sample_image_authors(model, ids: TokenIds, images: torch.Tensor, settings: list[DecodeSetting],
-                                   keys: np.ndarray, *, distinctive: bool, seq_len: int = 30,
-                                   min_seq_len: int = 5, temperature: float = 1.0, min_masks: int = 2,
-                                   max_masks: int = 30) -> torch.Tensor:
+                                   keys: np.ndarray, *, distinctive: bool, seq_len: int = SEQ_LEN,
+                                   min_seq_len: int = MIN_SEQ_LEN, temperature: float = TEMPERATURE, min_masks: int = MIN_MASKS,
+                                   max_masks: int = MAX_MASKS) -> torch.Tensor:
     """Authors-shaped sampling for the N crops of ONE view: rows (setting, mask), full recompute per step.
 
     Arguments:
@@ -112,6 +113,7 @@ def reference_sample_image_authors(model, ids: TokenIds, images: torch.Tensor, s
     row_p = [s.top_p for s in settings for _ in range(n)]
     greedy = torch.tensor([s.kind == "greedy" for s in settings for _ in range(n)])
     flat_keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+    rule = DistinctiveContrast(ids.eot, temperature)
     out = torch.full((r_, seq_len), ids.pad, dtype=torch.long)
     out[:, 0] = ids.sot
     done = torch.zeros(r_, dtype=torch.bool)
@@ -135,13 +137,7 @@ def reference_sample_image_authors(model, ids: TokenIds, images: torch.Tensor, s
             dep_tok = token_embs.repeat_interleave(n - 1, dim=0)
             dep = model.text_decoder(dep_embs, dep_tok)[:, -1].float().view(len(live), n - 1, -1)
             w = sim[owners.unsqueeze(1), others].float()  # (L, N-1)
-            c = (dep * w.unsqueeze(-1)).mean(dim=1)
-            zc = (zf - c).masked_fill(removed, FILTER_VALUE)
-            p = torch.softmax(zc / temperature, dim=-1)
-            p[:, ids.eot] = plain[:, ids.eot]
-            total = p.sum(dim=-1, keepdim=True)
-            bad = ~torch.isfinite(total) | (total <= 0) | ~torch.isfinite(p).all(dim=-1, keepdim=True)
-            probs = torch.where(bad, plain, p / total.clamp_min(1e-30))
+            probs = rule(x, zf, (dep * w.unsqueeze(-1)).mean(dim=1), removed)
         tok = sample_inverse_cdf(probs, keyed_uniform(flat_keys[live.numpy()], pos))
         tok = torch.where(greedy[live], probs.argmax(dim=-1), tok)
         out[live, pos + 1] = tok

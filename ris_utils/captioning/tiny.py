@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models import init_uninitialised
+
 
 def coca_config(vocab_size: int, width: int = 32, layers: int = 2, heads: int = 4, image_size: int = 32,
                 patch_size: int = 8, vision_width: int = 32, vision_layers: int = 1, n_queries: int = 8,
@@ -26,15 +28,6 @@ def coca_config(vocab_size: int, width: int = 32, layers: int = 2, heads: int = 
                            "heads": heads, "layers": layers, "attn_pooler_heads": heads},
         "custom_text": True,
     }
-
-
-def init_uninitialised(model) -> None:
-    """open_clip 3.3.0 leaves ``text_decoder.text_projection`` as ``torch.empty`` (its
-    ``MultimodalTransformer.init_parameters`` is never called): give it the intended normal init
-    (std = width ** -0.5) so a random-init CoCa has finite logits."""
-    proj = model.text_decoder.text_projection
-    with torch.no_grad():
-        torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
 
 
 def random_coca(name: str = "coca_random_test", seed: int = 0, **cfg):

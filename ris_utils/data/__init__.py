@@ -1,5 +1,5 @@
 """Datasets: REFER-format I/O (:mod:`.refer`), the shapes world (:mod:`.shapes`), the paper-tiny
-sample photos (:mod:`.samples`), and the paper's RefCOCO family (via :mod:`ris_utils.download`).
+sample photos (:mod:`.samples`), and the paper's RefCOCO family (:mod:`.paper`, through :mod:`ris_utils.download`).
 
 :func:`prepare` is what notebook 00 calls: it dispatches on the profile's ``data.world``.
 """
@@ -12,7 +12,7 @@ import importlib
 WORLDS = {
     "shapes": "ris_utils.data.shapes",
     "samples": "ris_utils.data.samples",
-    "refer": "ris_utils.download",
+    "refer": "ris_utils.data.paper",
 }
 
 

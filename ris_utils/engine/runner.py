@@ -1,37 +1,4 @@
-"""The resumable, sharded per-image generation engine used by steps 1-3 (masks, captions, filter).
-
-``run(step, items, fn, out_dir)`` calls ``fn(item) -> dict`` once per image and writes exactly one JSON
-record per image::
-
-    {"image_id": ..., "file_name": ..., "status": "ok" | "error", "error": None | "reason", **fn(item)}
-
-Guarantees:
-
-* **Resumable, crash-safe.** Every finished record is appended to a per-rank log
-  ``out_dir/parts/<step>.rank<R>of<W>.log``; each line is ``<sha256[:16]> <json>\\n`` and is flushed and
-  fsync'ed before the next image starts. On a rerun the logs of all earlier runs (any world size) are
-  read, lines whose checksum does not match (a torn last line after ``kill -9``) are ignored and cut off,
-  and finished images are skipped. Output after ``kill -9`` + rerun is byte-identical to an uninterrupted
-  run: nothing lost, nothing duplicated (a record is either fully committed or redone).
-* **Bad input never stops the run.** An exception raised by ``fn`` (a ``MemoryError`` on one huge image
-  included) becomes an error record ``{"status": "error", "error": "<ExceptionType>: <message>"}`` and the run
-  goes on; an item without ``path`` too. Exceptions listed in ``fatal`` (default: :class:`FatalError`) and
-  ``KeyboardInterrupt`` stop it. Model and checkpoint problems must be caught by the step *before* calling
-  :func:`run` (build the model first).
-* **One run per folder.** A run holds an ``flock`` on ``out_dir/.lock`` (the ranks of one sharded run share
-  it); a second run into the same folder is refused with :class:`~ris_utils.fileio.FolderBusyError` (or waits
-  ``lock_wait`` seconds), and the manifest is checked and written under a lock, so two runs with different
-  settings never mix their records. Temp files left by a killed run are removed by the next one.
-* **Sharded.** Under ``torchrun --nproc_per_node K`` (or any launcher that sets ``RANK``/``WORLD_SIZE``)
-  rank ``r`` takes items ``i`` with ``i % K == r``. When a ``torch.distributed`` process group is
-  initialised (the engine initialises a gloo group itself when the launcher's rendezvous variables are
-  set), rank 0 merges after a barrier; otherwise call :func:`merge` once all ranks are done.
-* **Deterministic.** ``fn`` receives a copy of the item with ``item["seed"] = item_seed(seed, image_id)``.
-  The merged ``records.jsonl`` lists records in the order of ``items``, whatever the world size.
-
-Files in ``out_dir``: ``manifest.json`` (step, ordered image ids, config fingerprint), ``parts/*.log``,
-``records.jsonl`` (merged, written atomically), ``summary.json`` (ok/failed counts and reasons).
-"""
+"""The engine's run: one record per image into a locked, resumable folder; merging the ranks' logs."""
 
 from __future__ import annotations
 
@@ -40,23 +7,29 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from ris_utils.fileio import FolderBusyError, atomic_write, folder_lock, fsync_dir, remove_stale_temps
+from ris_utils.fileio import atomic_write, folder_lock, fsync_dir, remove_stale_temps
+
+from .records import (
+    MANIFEST,
+    PARTS,
+    RECORDS,
+    SUMMARY,
+    committed_index,
+    log_line,
+    read_entry,
+    read_summary,
+    record_key,
+    scan_log,
+)
 
 logger = logging.getLogger(__name__)
-
-RECORDS = "records.jsonl"
-SUMMARY = "summary.json"
-MANIFEST = "manifest.json"
-PARTS = "parts"
 
 
 class FatalError(RuntimeError):
@@ -104,73 +77,12 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def dumps_record(record: dict) -> str:
-    """One record as compact JSON text that is valid UTF-8: non-ASCII text as is, lone surrogates (the bytes of
-    a non-UTF-8 file name under Python's ``surrogateescape``, e.g. byte 0xff -> ``\\udcff``) as JSON escapes,
-    which ``json.loads`` turns back into the same string (so ``os.fsencode`` gives the original bytes)."""
-    body = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", body)
-
-
-def _line(record: dict) -> str:
-    body = dumps_record(record)
-    return f"{hashlib.sha256(body.encode()).hexdigest()[:16]} {body}\n"
-
-
-def _parse_line(line: str) -> dict | None:
-    """The record of one log line, or None when the line is torn / corrupt."""
-    if not line.endswith("\n"):
-        return None
-    check, _, body = line[:-1].partition(" ")
-    if len(check) != 16 or hashlib.sha256(body.encode()).hexdigest()[:16] != check:
-        return None
-    try:
-        rec = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    return rec if isinstance(rec, dict) and "image_id" in rec else None
-
-
-def _scan_log(path: Path) -> tuple[list[tuple[str, str, int, int]], int]:
-    """Index of a log: ``[(key, status, offset, length)]`` of its valid lines (records are not kept in
-    memory) and the byte offset just after the last valid line."""
-    entries, good_end, pos = [], 0, 0
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                rec = _parse_line(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                rec = None
-            if rec is None:
-                break  # a torn or corrupt line: everything after it is not trusted
-            entries.append((_key(rec["image_id"]), rec.get("status", "error"), pos, len(raw)))
-            pos += len(raw)
-            good_end = pos
-    return entries, good_end
-
-
-def _read_entry(handles: dict, path: Path, offset: int, length: int) -> str:
-    """The JSON body of one indexed log line."""
-    f = handles.get(path)
-    if f is None:
-        f = handles[path] = open(path, "rb")
-    f.seek(offset)
-    return f.read(length).decode("utf-8")[:-1].partition(" ")[2]
-
-
-def _key(image_id) -> str:
-    return json.dumps(image_id)
-
-
 def _check_items(items: list[dict]) -> list:
     ids, seen = [], set()
     for i, it in enumerate(items):
         if not isinstance(it, dict) or "image_id" not in it:
             raise ValueError(f"engine: item {i} must be a dict with 'image_id' and 'path', got {it!r:.200}")
-        k = _key(it["image_id"])
+        k = record_key(it["image_id"])
         if k in seen:
             raise ValueError(f"engine: duplicate image_id {it['image_id']!r} (item {i}); ids must be unique")
         seen.add(k)
@@ -182,35 +94,6 @@ def _file_name(item: dict) -> str:
     if item.get("file_name"):
         return str(item["file_name"])
     return Path(str(item["path"])).name if item.get("path") else str(item["image_id"])
-
-
-def _index(out_dir: Path, step: str | None) -> dict[str, tuple[Path, int, int, str]]:
-    """``{json(image_id): (log, offset, length, status)}``: the first committed record of every image."""
-    index: dict[str, tuple[Path, int, int, str]] = {}
-    parts = Path(out_dir) / PARTS
-    if not parts.is_dir():
-        return index
-    pattern = f"{step}.rank*.log" if step else "*.rank*.log"
-    for log in sorted(parts.glob(pattern)):
-        for key, status, offset, length in _scan_log(log)[0]:
-            index.setdefault(key, (log, offset, length, status))
-    return index
-
-
-def finished_records(out_dir: str | os.PathLike, step: str | None = None) -> dict[str, dict]:
-    """All committed records in ``out_dir/parts`` (first valid one per image id), keyed by ``json(image_id)``.
-    Loads every record: for inspection and tests; the engine itself only keeps an index."""
-    handles: dict = {}
-    try:
-        return {k: json.loads(_read_entry(handles, log, off, n))
-                for k, (log, off, n, _) in _index(Path(out_dir), step).items()}
-    finally:
-        for f in handles.values():
-            f.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# distributed plumbing (torch.distributed only; no home-made cluster code)
 
 
 def _maybe_init_process_group(world_size: int) -> bool:
@@ -325,20 +208,20 @@ def _run_locked(step, items, fn, out_dir: Path, seed, desc, rank, world_size, me
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Cut a torn tail off our own log so that appends start on a fresh line.
     if log_path.exists():
-        _, good_end = _scan_log(log_path)
+        _, good_end = scan_log(log_path)
         if good_end != log_path.stat().st_size:
             logger.warning("engine: %s: dropping a torn/corrupt tail after byte %d", log_path, good_end)
             with open(log_path, "r+b") as f:
                 f.truncate(good_end)
                 f.flush()
                 os.fsync(f.fileno())
-    done = _index(out_dir, step)
+    done = committed_index(out_dir, step)
 
     mine = shard(items, rank, world_size)
-    todo = [it for it in mine if _key(it["image_id"]) not in done]
+    todo = [it for it in mine if record_key(it["image_id"]) not in done]
     counts: Counter = Counter()
     for it in mine:
-        entry = done.get(_key(it["image_id"]))
+        entry = done.get(record_key(it["image_id"]))
         if entry is not None:
             counts[entry[3]] += 1
     if len(mine) - len(todo):
@@ -356,7 +239,7 @@ def _run_locked(step, items, fn, out_dir: Path, seed, desc, rank, world_size, me
     with open(log_path, "a", encoding="utf-8") as log:
         for item in todo:
             rec = _process(item, fn, seed, fatal)
-            log.write(_line(rec))
+            log.write(log_line(rec))
             log.flush()
             if fsync:
                 os.fsync(log.fileno())
@@ -396,57 +279,6 @@ def strict_exit(strict: bool, summaries) -> int:
     for e in failed[:20]:
         print(f"  {e.get('file_name') or e.get('image_id')}: {e.get('error')}", file=sys.stderr)
     return 1
-
-
-def check_workers(workers, setting: str) -> int:
-    """A ``<step>.workers`` setting as a process count: None / 0 -> 1; refuses bools, non-ints, negatives."""
-    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
-        raise ValueError(f"{setting} must be a positive int, got {workers!r}")
-    return int(workers or 1)
-
-
-def watch_parent(parent_pid: int, interval: float = 0.5) -> None:
-    """In a worker process: a daemon thread that ends the process (exit code 70) as soon as its parent
-    ``parent_pid`` is gone (``kill -9`` of the parent re-parents the worker), so no worker outlives its run."""
-
-    def watch():
-        while True:
-            time.sleep(interval)
-            if os.getppid() != parent_pid:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-def _shard_worker(fn: Callable, args: tuple, rank: int, world_size: int):
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # the shards are merged by the parent, not a process group
-        os.environ.pop(key, None)
-    return fn(*args, rank=rank, world_size=world_size)
-
-
-def run_shard_workers(fn: Callable, args: tuple, workers: int, label: str) -> list:
-    """Run ``fn(*args, rank=r, world_size=workers)`` in ``workers`` spawned processes, one per shard ``r``
-    (``fn`` runs :func:`run` with ``merge_output=False``; the caller merges). Returns the results by rank.
-
-    When a worker fails, the others are stopped (their finished images are committed, a rerun resumes) and
-    the first failure is raised here with a note naming the worker (``label``, e.g. ``"captions"``).
-    """
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=watch_parent, initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(_shard_worker, fn, args, r, workers) for r in range(workers)]
-        wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [(r, f) for r, f in enumerate(futures) if f.done() and f.exception() is not None]
-        if failed:
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
-            r, f = failed[0]
-            err = f.exception()
-            err.add_note(f"(raised in {label} worker {r} of {workers}; a rerun resumes the finished images)")
-            raise err
-        return [f.result() for f in futures]
 
 
 def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
@@ -510,8 +342,8 @@ def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial:
         raise FileNotFoundError(f"engine.merge: {mpath} does not exist; is {out_dir} an engine output folder?")
     manifest = json.loads(mpath.read_text())
     step = step or manifest["step"]
-    done = _index(out_dir, step)
-    missing = [i for i in manifest["image_ids"] if _key(i) not in done]
+    done = committed_index(out_dir, step)
+    missing = [i for i in manifest["image_ids"] if record_key(i) not in done]
     if missing and not allow_partial:
         raise RuntimeError(
             f"engine.merge: {len(missing)} of {len(manifest['image_ids'])} images of step {step!r} are not "
@@ -524,11 +356,11 @@ def merge(out_dir: str | os.PathLike, *, step: str | None = None, allow_partial:
     try:
         with open(tmp, "w", encoding="utf-8") as out:
             for image_id in manifest["image_ids"]:
-                entry = done.get(_key(image_id))
+                entry = done.get(record_key(image_id))
                 if entry is None:
                     continue
                 log, offset, length, status = entry
-                body = _read_entry(handles, log, offset, length)
+                body = read_entry(handles, log, offset, length)
                 out.write(body + "\n")
                 if status == "ok":
                     n_ok += 1
@@ -559,46 +391,6 @@ def _reason_kind(error: str | None) -> str:
     return head if head and " " not in head else "other"
 
 
-class RecordsError(ValueError):
-    """A ``records.jsonl`` that cannot be read (damaged, truncated, not an engine output)."""
-
-
-def read_records(out_dir: str | os.PathLike, *, only_ok: bool = False) -> Iterator[dict]:
-    """Iterate the merged records of ``out_dir/records.jsonl`` (in item order).
-
-    Raises :class:`RecordsError` (one line naming the file, the line and what to do) on a damaged line."""
-    path = Path(out_dir) / RECORDS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the step (and merge) first")
-    fix = (f"rerun the step that wrote it into {Path(out_dir)} (finished images are kept in parts/ and it "
-           f"resumes), or `python -m ris_utils.engine merge {Path(out_dir)}`")
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise RecordsError(f"{path} line {n} is not a valid JSON record ({e}): the file is damaged; "
-                                   f"{fix}") from None
-            if not isinstance(rec, dict) or "image_id" not in rec:
-                raise RecordsError(f"{path} line {n} is not an engine record (a JSON object with 'image_id'); {fix}")
-            if not only_ok or rec.get("status") == "ok":
-                yield rec
-
-
-def read_summary(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / SUMMARY
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the step (and merge) first")
-    return json.loads(path.read_text())
-
-
-__all__ = ["run", "merge", "read_records", "read_summary", "item_seed", "shard", "dist_info",
-           "finished_records", "FatalError", "ResumeMismatchError", "FolderBusyError", "RecordsError"]
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m ris_utils.engine merge OUT_DIR [--allow-partial]``: merge the per-rank logs of a run whose
     ranks were started without a torch.distributed process group (e.g. array jobs setting RANK/WORLD_SIZE)."""
@@ -617,7 +409,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({k: summary[k] for k in ("step", "n_items", "ok", "failed", "failed_reasons")}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
