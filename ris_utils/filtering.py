@@ -280,9 +280,6 @@ def head_noun_extractor(cfg: dict) -> HeadNounExtractor:
     return HeadNounExtractor(hn["backend"], hn["spacy_model"], hn["nouns"], rule=hn["rule"])
 
 
-_extractor = head_noun_extractor  # the name notebook 03 used
-
-
 def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor, fallback: str = "all",
                   nonpositive: str = "clamp", seed: int = 0) -> dict:
     """The filter body of one image from its captions record (see the module docstring).
