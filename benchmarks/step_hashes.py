@@ -20,10 +20,11 @@ image paths); a symbolic link is hashed as its (normalised) target. Left out or 
 
 * ``parts/*.log`` and dotfiles (locks): the engine's per-rank work logs; each line is the merged
   ``records.jsonl`` line prefixed by the run's config fingerprint, so they repeat what is hashed, plus bookkeeping;
-* ``manifest.json`` files: bookkeeping, not outputs -- the data manifest holds a hash of the generator's source
-  (``code``: it changes whenever ``data/shapes*`` is edited, by design) and the step manifests hold the resolved
-  config and its fingerprint (they change when settings gain or lose keys). They are recorded under
-  ``bookkeeping`` and a difference there is reported but does not fail ``--check``.
+* ``manifest.json`` and ``config.yaml`` files: bookkeeping, not outputs -- the data manifest holds a hash of the
+  generator's source (``code``: it changes whenever ``data/shapes*`` is edited, by design), the step manifests
+  hold the resolved config and its fingerprint (they change when settings gain or lose keys, and with the root's
+  path), ``config.yaml`` is the resolved config saved beside a step's output. They are recorded under
+  ``bookkeeping``; a difference there (or one that appears) is reported but does not fail ``--check``.
 
 Folders with more than 40 files (images, CRIS masks) are stored as one digest over (name, file digest) pairs.
 """
@@ -50,6 +51,8 @@ MODES = ("naive", "distinctive")
 TRAINSETS = {"naive": ("captions", "naive", False), "distinctive": ("captions", "distinctive", False),
              "pseudo_ris": ("filter", "distinctive", True)}
 BIG_FOLDER = 40
+#: files that describe a run rather than hold its output (reported, never failing --check)
+BOOKKEEPING = ("manifest.json", "config.yaml")
 
 
 def run_cli(args: list[str], log) -> float:
@@ -112,7 +115,7 @@ def hash_tree(root: Path) -> dict:
             out["folders"][folder.as_posix()] = {"n": len(rels), "sha256": hashlib.sha256(joined.encode()).hexdigest()}
             continue
         for rel, d in digests.items():
-            out["bookkeeping" if rel.name == "manifest.json" else "files"][rel.as_posix()] = d
+            out["bookkeeping" if rel.name in BOOKKEEPING else "files"][rel.as_posix()] = d
     return out
 
 

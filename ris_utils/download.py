@@ -60,6 +60,7 @@ from pathlib import Path
 
 from ris_utils.data.sources import GROUPS, SOURCES, Source
 from ris_utils.fileio import atomic_write
+from ris_utils.profiles import step_config
 
 logger = logging.getLogger(__name__)
 
@@ -454,8 +455,6 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.data_root is None:
-        from .profiles import step_config
-
         args.data_root = step_config(args.profile, "shared")["data_root"]
     failed = 0
     for s in sources:

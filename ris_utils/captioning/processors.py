@@ -46,6 +46,12 @@ def _expand(vals: list, batch: int, name: str) -> list:
     return vals
 
 
+def _min_keep(min_tokens_to_keep) -> int:
+    if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
+    return min_tokens_to_keep
+
+
 class LogitsProcessor:
     """Base class: ``__call__(input_ids (B, T) long, scores (B, V) float) -> scores (B, V)``."""
 
@@ -109,9 +115,7 @@ class TopKLogitsProcessor(LogitsProcessor):
                  filter_value: float = FILTER_VALUE):
         self.top_k = _per_row(top_k, "top_k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                               "an int >= 0 (0 = off) or a list of them")
-        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-            raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
         self.filter_value = filter_value
 
     def removed(self, scores: torch.Tensor) -> torch.Tensor:
@@ -149,9 +153,7 @@ class TopPLogitsProcessor(LogitsProcessor):
         self.top_p = [float(p) for p in _per_row(
             top_p, "top_p", lambda p: isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 < p <= 1.0,
             "a float in (0, 1] or a list of them")]
-        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-            raise ValueError(f"min_tokens_to_keep must be an int >= 1, got {min_tokens_to_keep!r}")
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.min_tokens_to_keep = _min_keep(min_tokens_to_keep)
         self.filter_value = filter_value
 
     def removed(self, scores: torch.Tensor) -> torch.Tensor:

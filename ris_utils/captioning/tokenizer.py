@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ris_utils.data import shapes
+
 PAD, UNK, SOT, EOT = "<pad>", "<unk>", "<start_of_text>", "<end_of_text>"
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 
@@ -125,8 +127,6 @@ class OpenClipTokenizer:
 
 def shapes_tokenizer(context_length: int = 16) -> WordTokenizer:
     """The word tokenizer of the shapes world (``ris_utils.data.shapes.VOCABULARY``)."""
-    from ris_utils.data import shapes
-
     return WordTokenizer(shapes.VOCABULARY, context_length=context_length)
 
 
