@@ -429,57 +429,6 @@ def text_statistics(records) -> dict:
             "unique_share": float(np.mean(uniq)) if uniq else float("nan"), "n_candidates": len(lengths)}
 
 
-# ------------------------------------------------------------------------------------------ gallery
-
-
-def show_masks(ax, image: np.ndarray, record: dict, title: str = "") -> None:
-    """Draw an image with every mask of a captions record outlined and labelled by its mask_index."""
-    ax.imshow(image)
-    colors = __import__("matplotlib").colormaps["tab10"]
-    for k, m in enumerate(record["masks"]):
-        mask = refer.decode_segmentation(m["segmentation"], record["height"], record["width"])
-        if not mask.any():
-            continue
-        ax.contour(mask, levels=[0.5], colors=[colors(k % 10)], linewidths=1.5)
-        x, y, _, _ = m["bbox"]
-        ax.text(x, y, str(m["mask_index"]), color="white", fontsize=8, va="bottom",
-                bbox={"facecolor": colors(k % 10), "pad": 1, "edgecolor": "none"})
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-
-
-def gallery_table(records_by_mode: dict, image_id, scenes: dict | None = None, view: int = 0,
-                  settings=("beam", "top_k=5", "top_k=13", "top_p=0.4", "top_p=0.8")):
-    """A table (pandas DataFrame) of one image's candidates: rows (mask, setting), one column per mode, for
-    one view and a few settings; with ``scenes`` (shapes world) each text ends with ✓ when distinct
-    (referee == the mask's object) and ✗ otherwise."""
-    import pandas as pd
-
-    rows = []
-    for mode, recs in records_by_mode.items():
-        rec = next((r for r in recs if r["image_id"] == image_id), None)
-        if rec is None:
-            continue
-        table = candidate_table([rec], scenes) if scenes is not None else None
-        i = 0
-        for m in rec["masks"]:
-            for c in m["candidates"]:
-                row = table[i] if table is not None else None
-                i += 1
-                if c["view"] != view or c["setting"] not in settings:
-                    continue
-                mark = "" if row is None else (" ✓" if row["distinct"] else " ✗")
-                rows.append({"mask": m["mask_index"], "mode": mode, "setting": c["setting"],
-                             "text": c["text"] + mark})
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
-    order = {s: k for k, s in enumerate(settings)}
-    out = df.pivot_table(index=["mask", "setting"], columns="mode", values="text", aggfunc="first")
-    out = out[[m for m in records_by_mode if m in out.columns]]
-    return out.sort_index(key=lambda ix: ix.map(order) if ix.name == "setting" else ix)
-
-
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -517,6 +466,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["decode_settings", "view_kinds", "step_settings", "items_from_masks", "items_from_gt", "image_path",
-           "show_masks", "gallery_table",
            "caption_image", "run_captions", "run_caption_jobs", "output_dir", "candidate_table", "distinct_rate",
            "text_statistics", "cli", "MODES"]
