@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ris_utils.crops import DEFAULT_MEAN, DEFAULT_STD
 from ris_utils.data.refer import ReferData, decode_segmentation, load_refer, select_split
 from ris_utils.images import load_image_rgb
 
@@ -31,8 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Letterbox", "letterbox_params", "letterbox_image", "letterbox_mask", "unletterbox",
            "resolve_refer", "open_refer", "RisTrainSet", "RisEvalSet", "CLIP_MEAN", "CLIP_STD"]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = DEFAULT_MEAN, DEFAULT_STD  # OpenAI CLIP's normalisation (one place: ris_utils.crops)
 
 
 @dataclass(frozen=True)
