@@ -352,7 +352,7 @@ class Pretrain:                     # python -m ris_utils.ris.pretrain (the shap
     model: str | None = None
     checkpoint: str | None = None
     c5_stride: int | None = None
-    dense: str | None = None
+    dense: str = "attn"              # value (MaskCLIP's values) | attn (CRIS's pool at every position)
     input_size: int | None = None
     world_seed: int | None = None
     n_images: int | None = None

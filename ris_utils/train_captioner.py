@@ -40,6 +40,7 @@ import numpy as np
 
 from ris_utils import crops, layout, profiles, settings
 from ris_utils.captioning.tokenizer import build_tokenizer
+from ris_utils.crops import DEFAULT_MEAN, DEFAULT_STD
 from ris_utils.data import shapes
 from ris_utils.models import (
     CONFIG_DIR,
@@ -155,7 +156,7 @@ def _init_decoder(model):
 
 
 def training_views(settings: dict, views=crops.PAPER_VIEWS, size: int = 32, fill=0,
-                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)):
+                   mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Views of every object of an in-memory shapes world.
 
     Returns ``(x, objects)``: x = float tensor (M, V, 3, S, S) and ``objects[m]`` = the attribute dict of

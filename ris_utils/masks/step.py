@@ -20,7 +20,7 @@ from .. import engine
 from ..data.refer import load_refer
 from ..images import MAX_PIXELS, display_path, load_image_rgb
 from ..layout import masks_dir
-from ..profiles import parse_params, step_config
+from ..profiles import parse_params, save_config, step_config
 from ..settings import complete
 from .components import ComponentsSegmenter
 from .proposals import Proposal, dedup_exact, proposal_from_ann
@@ -110,8 +110,10 @@ def run_masks(cfg: dict, items: list[dict], out_dir: str | os.PathLike, *, fn: C
     cfg = complete("masks", cfg)
     fn = fn or make_step_fn(cfg)
     conf = {k: cfg.get(k) for k in OUTPUT_KEYS}  # option groups (amg, selector, components) may be absent
-    return engine.run("masks", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
-                      desc="masks", progress=progress)
+    summary = engine.run("masks", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
+                         desc="masks", progress=progress)
+    save_config(cfg, out_dir)  # the resolved settings beside the records
+    return summary
 
 
 def check_max_pixels(value) -> int:

@@ -97,7 +97,7 @@ def tokenizer_spec(tok) -> dict:
 
 
 def make_model(cfg: dict, tok) -> nn.Module:
-    pretrained = cfg.get("pretrained", "default")
+    pretrained = cfg["pretrained"]
     kw = dict(cfg.get("model_args") or {})
     if pretrained in (None, "none") or (pretrained == "default" and cfg["model"] == "cris_tiny"):
         # random init: the CLIP is built at the letterbox size with the tokenizer's vocabulary

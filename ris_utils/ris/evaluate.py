@@ -72,14 +72,14 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     model picks the right object at all, independent of the threshold and of mask quality (chance = 1 / the
     number of objects). A model that segments objects but cannot yet ground the words scores low mIoU AND a
     pick accuracy near chance; one that grounds but draws coarse masks scores high pick accuracy."""
-    convention = convention or cfg.get("convention", "lavt")
+    convention = convention or cfg["convention"]
     was_training = model.training
     model.eval()
     ev = RisEvaluator(convention=convention)
     kept, ious = [], []
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.get("eval_batch_size", 64), shuffle=False,
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg["eval_batch_size"], shuffle=False,
                                          collate_fn=collate, num_workers=0)
-    thr = float(cfg.get("threshold", 0.35))
+    thr = float(cfg["threshold"])
     picks, chance, pick_records = [], [], []
     for batch in loader:
         prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
@@ -143,12 +143,12 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
     cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}
     refer = open_refer(data, dataset, split_by)
     fallback = [cfg["data_root"]] if cfg.get("data_root") else []
-    ds = RisEvalSet(refer, split, tok, cfg["input_size"], cfg["word_len"], cache=cfg.get("cache", True),
+    ds = RisEvalSet(refer, split, tok, cfg["input_size"], cfg["word_len"], cache=cfg["cache"],
                     image_fallback_roots=fallback)
     if max_refs is not None:
         ds.refs = ds.refs[:int(max_refs)]
         ds.pairs = [p for p in ds.pairs if p[0] < len(ds.refs)]
-    convention = convention or cfg.get("convention", "lavt")
+    convention = convention or cfg["convention"]
     if stores is None:  # frozen towers: features once per image, in memory (the training run's disk cache
         # folder may be another machine's path: a caller that wants it passes ``stores``)
         stores = feature_stores(model, {**cfg, "feature_cache": overrides.get("feature_cache")}, dev)
@@ -156,7 +156,7 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
                             stores=stores)
     scores.update({"checkpoint": str(checkpoint), "data": str(refer.data_root), "dataset": refer.dataset,
                    "split_by": refer.split_by, "split": split, "convention": convention,
-                   "threshold": float(cfg.get("threshold", 0.35)), "n_refs": len(ds.refs)})
+                   "threshold": float(cfg["threshold"]), "n_refs": len(ds.refs)})
     return scores
 
 

@@ -302,7 +302,7 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
     """Score ``out/last.pt`` on each (eval set, split) of ``todo``, each on the set's own ``data_root`` when it
     names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
 
-    device = resolve_device(cfg.get("device", "auto"))  # the profile's device (CPU in CI, the GPU on Colab)
+    device = resolve_device(cfg["device"])  # the profile's device (CPU in CI, the GPU on Colab)
     loaded = load_checkpoint(out / "last.pt", device)
     stores = feature_stores(loaded[0], {**loaded[2], "feature_cache": cfg.get("feature_cache")}, device)
     paths = []
@@ -337,7 +337,7 @@ def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     n_eval = sum(len(r["sentences"]) for ev in job.evals for sp in ev["splits"]
                  for r in select_split(refs(ev.get("data_root") or cfg["data_root"], ev["dataset"],
                                             ev.get("split_by", "shapes")), sp))
-    return 3.0 * n_train * float(cfg.get("epochs", 1)) + n_eval
+    return 3.0 * n_train * float(resolve_config(cfg)["epochs"]) + n_eval
 
 
 def _feature_cache(cfg: dict) -> dict:
@@ -373,7 +373,7 @@ def encode_images(keys: list[str], cfg: dict) -> int:
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    tcfg = resolve_config(_train_settings(cfg, cfg.get("seed", 0)))
+    tcfg = resolve_config(_train_settings(cfg, cfg["seed"]))
     seed_everything(int(tcfg["seed"]))  # a random-init tower (tests): the weights of that seed's runs
     store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)), tcfg)[0]
     if store is None or store.folder is None:

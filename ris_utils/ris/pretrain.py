@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ris_utils import settings
 from ris_utils.captioning.tokenizer import shapes_tokenizer
 from ris_utils.crops import make_views
 from ris_utils.data import shapes
@@ -168,6 +169,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
     ``warmup``, ``seed``, ``threads``; ``eval`` = ``{data_root, dataset, split_by, split, max_refs}`` for the
     training-free pick accuracies written to the card (skipped when that dataset is missing).
     """
+    cfg = settings.group(settings.Pretrain, cfg, "ris.pretrain")
 
     out = Path(out or cfg["checkpoint"])
     with torch_threads(cfg.get("threads")):
@@ -197,7 +199,7 @@ def pretrain(cfg: dict, out=None, progress: bool = True) -> dict:
             objs = [o for i in idx for o in objects[i]]
             caps = [generic_caption(o, rng) for o in objs]
             pos = torch.tensor([[fits(c, o) for c in caps] for o in objs])
-            dense = dense_map(model.visual, x, cfg.get("dense", "attn"))  # (B, D, g, g)
+            dense = dense_map(model.visual, x, cfg["dense"])  # (B, D, g, g)
             reg = F.normalize(region_embeddings(dense, [weights[i] for i in idx]), dim=-1)
             txt = F.normalize(model.encode_text(tok(caps)), dim=-1)
             loss = fit_loss(reg, txt, pos, model.logit_scale.exp())
@@ -283,7 +285,7 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
             lbimg, lb = letterbox_image(img, size)
             x = (torch.from_numpy(lbimg).permute(2, 0, 1)[None].float() / 255 - mean) / std
             w = cell_weights(np.stack([letterbox_mask(m, lb) for m in ms]), grid)
-            reg = F.normalize(region_embeddings(dense_map(model.visual, x, cfg.get("dense", "attn")), [w]), dim=-1)
+            reg = F.normalize(region_embeddings(dense_map(model.visual, x, cfg["dense"]), [w]), dim=-1)
             crops = make_views(img, ms, views=(1.2,), size=size, fill=0, mean=CLIP_MEAN, std=CLIP_STD)[:, 0]
             pooled = F.normalize(model.encode_image(crops), dim=-1)
             t = F.normalize(model.encode_text(tok([s["sent"] for s in r["sentences"]])), dim=-1)

@@ -160,7 +160,7 @@ def _start(cfg: dict, out: Path):
     """Resolve the settings, set up DDP and the device, lock the run folder, read a checkpoint to resume."""
     cfg = resolve_config(cfg)
     world, rank, local_rank = _ddp_setup()
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg["device"])
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -175,7 +175,7 @@ def _start(cfg: dict, out: Path):
     ckpt = load_ris_checkpoint(ckpt_path, "checkpoint to resume") if ckpt_path.exists() else None
     if ckpt is not None:  # resume with the run's own settings (keeping overrides of epochs)
         cfg = {**ckpt["config"], "epochs": cfg["epochs"], "train_steps": cfg.get("train_steps"),
-               "device": cfg.get("device", "auto")}
+               "device": cfg["device"]}
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     seed_everything(int(cfg["seed"]))
