@@ -189,3 +189,65 @@ def test_the_claims_table_says_held_or_not():
     assert rows["pseudo_ris_above_naive"]["holds"] is False  # +0.8 is not > 2 x 0.5
     assert rows["distinctive_above_naive"]["holds"] is True and rows["pseudo_ris_above_distinctive"]["holds"] is True
     assert rows["gt_above_pseudo_ris"]["holds"] is None  # not measured
+
+
+def test_features_encoded_before_the_runs_are_the_bytes_a_run_would_compute(tmp_path):
+    from ris_utils.ris.experiments import Job, encode_images, job_images
+    from ris_utils.ris.features import feature_stores
+
+    toy = make_toy_refer(tmp_path / "toy", n_images=6, height=40, width=56)
+    cfg = {**_cfg(freeze="both"), "data_root": str(toy), "feature_cache": str(tmp_path / "cache")}
+    job = Job(trainset="gt", style="toy", seed=0, train_path=str(toy), train_dataset=None, split_by=None,
+              out=str(tmp_path / "run"), evals=[{"style": "toy", "dataset": "toy", "split_by": "toy",
+                                                  "splits": ["val"]}])
+    keys = job_images([job], cfg)
+    assert len(keys) == 6 and all(k.endswith("@32") for k in keys)
+    assert encode_images(keys, cfg) == 6 and encode_images(keys, cfg) == 0  # the second call finds them all
+    # a training run's own store computes the same features for those images
+    rcfg = resolve_config(cfg)
+    tok = build_tokenizer(rcfg)
+    data = RisEvalSet(open_refer(toy), "val", tok, rcfg["input_size"], rcfg["word_len"])
+    torch.manual_seed(0)
+    fresh = feature_stores(make_model(rcfg, tok), {**rcfg, "feature_cache": None})[0]
+    torch.manual_seed(0)
+    warm = feature_stores(make_model(rcfg, tok), rcfg)[0]
+    k = data.image_keys([0])
+    img = data[0]["img"][None]
+    for a, b in zip(fresh.batch(k, img), warm.batch(k, torch.zeros_like(img))):  # warm: read, never recomputed
+        assert torch.equal(a, b)
+    assert warm.misses == 0
+
+
+def test_relative_location_points_at_the_extreme_object_and_starts_as_identity():
+    from ris_utils.ris.model import RelativeLocation
+
+    head = RelativeLocation(vocab_size=12)
+    logits = torch.full((1, 1, 8, 8), -6.0)
+    logits[0, 0, 1:3, 1:3] = 2.0   # an object top-left
+    logits[0, 0, 5:7, 5:7] = 2.0   # the same kind of object bottom-right
+    tok = _tokens(1)
+    pad = tok == 0
+    assert torch.equal(head(logits, tok, pad), torch.zeros_like(logits))  # zero last layer: identity at start
+    with torch.no_grad():  # a sentence whose words say "x to the right": w_x = 4
+        head.head[-1].bias.copy_(torch.tensor([4.0, 0, 0, 0, 0]))
+    r = head(logits, tok, pad)[0, 0]
+    assert r[5:7, 5:7].min() > 2 and r[1:3, 1:3].max() < -2  # the right object up, the left one down
+    assert r[0, 7].abs() < 0.1  # background (p ~ 0) untouched
+
+
+def test_projector_c3_skip_and_location_head_in_the_model():
+    torch.manual_seed(0)
+    m = build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, c5_stride=16,
+                    proj_upsample=2, proj_skip=True, location="relative").freeze("both").eval()
+    img, tok = torch.randn(3, 3, 64, 64), _tokens(5, seed=2)
+    feats = m.encode_image(img)
+    index = torch.tensor([0, 0, 1, 2, 2])
+    with torch.no_grad():
+        per_sentence = m(img[index], tok)
+        per_image = m(None, tok, feats=feats, image_index=index)
+    assert per_sentence.shape == (5, 1, 8, 8) and torch.allclose(per_image, per_sentence, atol=1e-5)
+    groups = {g["name"]: g for g in m.param_groups(1e-3, 0.1, 0.01, location_lr_mult=20)}
+    assert groups["location"]["lr"] == pytest.approx(2e-2)
+    assert {id(p) for p in groups["location"]["params"]} == {id(p) for p in m.location.parameters()}
+    with pytest.raises(ValueError, match="upsample 2"):
+        build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, proj_skip=True)

@@ -259,8 +259,7 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
     from ris_utils.ris.train import train
 
     job = Job(**job) if isinstance(job, dict) else job
-    if not cfg.get("feature_cache") and cfg.get("work_dir"):  # frozen towers: features shared by every run
-        cfg = {**cfg, "feature_cache": str(runs_dir(cfg) / "features")}
+    cfg = _feature_cache(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     out = Path(job.out)
@@ -344,6 +343,62 @@ def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     return 3.0 * n_train * float(cfg.get("epochs", 1)) + n_eval
 
 
+def _feature_cache(cfg: dict) -> dict:
+    if not cfg.get("feature_cache") and cfg.get("work_dir"):  # frozen towers: features shared by every run
+        cfg = {**cfg, "feature_cache": str(runs_dir(cfg) / "features")}
+    return cfg
+
+
+def job_images(jobs: list[Job], cfg: dict) -> list[str]:
+    """The images every job trains or is evaluated on, as image-feature keys (resolved path ``@`` input size),
+    sorted; an image linked into several sets is one key."""
+    import os
+
+    from ris_utils.ris.dataset import open_refer
+
+    sets = {(str(j.train_path), j.train_dataset, j.split_by) for j in jobs}
+    sets |= {(str(ev.get("data_root") or cfg["data_root"]), ev["dataset"], ev.get("split_by", "shapes"))
+             for j in jobs for ev in j.evals}
+    keys = set()
+    for path, dataset, split_by in sorted(sets, key=str):
+        refer = open_refer(path, dataset, split_by)
+        for image_id in sorted({r["image_id"] for r in refer.refs}):
+            try:
+                keys.add(f"{os.path.realpath(refer.image_path(image_id))}@{int(cfg['input_size'])}")
+            except FileNotFoundError:
+                continue  # the training / evaluation run reports it
+    return sorted(keys)
+
+
+def encode_images(keys: list[str], cfg: dict) -> int:
+    """Fill the disk feature cache (``feature_cache``) with the frozen image tower's features of ``keys``
+    (:func:`job_images`); returns how many were computed. The features are those a training run computes
+    (one image at a time), so a run that finds them reads the same bytes."""
+    import torch
+
+    from ris_utils.images import load_image_rgb
+    from ris_utils.models import seed_everything
+    from ris_utils.ris.dataset import _to_tensor_image, letterbox_image
+    from ris_utils.ris.features import feature_stores
+    from ris_utils.ris.train import build_tokenizer, make_model, resolve_config
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    tcfg = resolve_config(_train_settings(cfg, cfg.get("seed", 0)))
+    seed_everything(int(tcfg["seed"]))  # a random-init tower (tests): the weights of that seed's runs
+    store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)), tcfg)[0]
+    if store is None or store.folder is None:
+        return 0
+    todo = [k for k in keys if not store.on_disk(k)]
+    for k in todo:
+        def load(_, path=k.rsplit("@", 1)[0]):
+            return _to_tensor_image(torch.from_numpy(letterbox_image(load_image_rgb(path), tcfg["input_size"])[0])
+                                    .permute(2, 0, 1).contiguous())
+        store.batch([k], load=load)
+        store.mem.clear()
+    return len(todo)
+
+
 def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True) -> list[dict]:
     """Run ``jobs`` (in a spawn process pool when ``workers`` > 1); results in the order of ``jobs``.
 
@@ -359,6 +414,11 @@ def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True
     cache: dict = {}
     order = sorted(range(len(jobs)), key=lambda i: -job_cost(jobs[i], cfg, cache))
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        if cfg.get("freeze") in ("visual", "both"):  # frozen image tower: encode each image once, split over the
+            cfg = _feature_cache(cfg)               # workers, before the runs (else the first two encode all)
+            keys = job_images(jobs, cfg)
+            for f in [pool.submit(encode_images, keys[w::workers], cfg) for w in range(workers)]:
+                f.result()
         futs = {i: pool.submit(run_job, asdict(jobs[i]), cfg) for i in order}
         results = {}
         for i in tqdm(order, desc="ris jobs", disable=not progress):

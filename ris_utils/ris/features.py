@@ -60,6 +60,10 @@ class ImageFeatureStore:
     def _file(self, key: str) -> Path:
         return self.folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
 
+    def on_disk(self, key: str) -> bool:
+        """Whether the disk cache holds ``key``'s features."""
+        return self.folder is not None and self._file(key).is_file()
+
     def _remember(self, key: str, feats: tuple) -> None:
         self.mem[key] = feats
         self.bytes += sum(f.numel() * f.element_size() for f in feats)

@@ -329,7 +329,7 @@ class Projector(nn.Module):
     Input (B, 2·in_dim, h, w) and (B, word_dim); output logits (B, 1, 4h, 4w).
     """
 
-    def __init__(self, word_dim: int, in_dim: int, kernel_size: int = 3, upsample: int = 4):
+    def __init__(self, word_dim: int, in_dim: int, kernel_size: int = 3, upsample: int = 4, skip_dim: int = 0):
         super().__init__()
         self.in_dim, self.kernel_size = in_dim, kernel_size
         if upsample == 4:  # CRIS
@@ -347,6 +347,13 @@ class Projector(nn.Module):
         else:
             raise ValueError(f"projector upsample must be 2 or 4 (CRIS), got {upsample}")
         self.txt = nn.Linear(word_dim, in_dim * kernel_size * kernel_size + 1)
+        # (ours, off in CRIS) the image tower's stride-8 map C3 added before the last 1x1 conv: object edges
+        # at the resolution of the logits (``skip_dim`` = C3's channels; stride 8 = upsample 2 only)
+        self.skip = None
+        if skip_dim:
+            if upsample != 2:
+                raise ValueError("the projector's C3 skip needs upsample 2 (logits at C3's stride 8)")
+            self.skip = conv_bn_relu(int(skip_dim), in_dim, 1, 0)
 
     def init_prior(self, p: float) -> None:
         """(our choice, off in CRIS) start the generated bias at logit(p), the share of foreground pixels
@@ -354,14 +361,62 @@ class Projector(nn.Module):
         with torch.no_grad():
             self.txt.bias[-1] = math.log(p / (1 - p))
 
-    def forward(self, x, state):
-        x = self.vis(x)  # (B, C, H, W)
+    def forward(self, x, state, skip: torch.Tensor | None = None):
+        if self.skip is not None:
+            x = self.vis[:-1](x)
+            x = self.vis[-1](x + self.skip(skip))
+        else:
+            x = self.vis(x)  # (B, C, H, W)
         b, c, h, w = x.shape
         params = self.txt(state)  # (B, C*k*k + 1)
         weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
         bias = params[:, -1]
         out = F.conv2d(x.reshape(1, b * c, h, w), weight, bias=bias, padding=self.kernel_size // 2, groups=b)
         return out.transpose(0, 1)  # (B, 1, H, W)
+
+
+class RelativeLocation(nn.Module):
+    """(ours, off in CRIS) Where a sentence's location words point, relative to the objects it fits.
+
+    Referring expressions place the target against the other objects of its kind ("the lower cross",
+    "the man on the left"): a comparison over the fitting objects, which a small decoder trained for a few
+    hundred steps does not find. This head reads the words (attention pooling, an MLP) into a direction
+    ``(w_x, w_y)``, a centrality ``(q_x, q_y)`` and a gain ``c``, and adds to the mask logits
+
+        r(x) = p(x) * (w_x d_x + w_y d_y - q_x d_x^2 - q_y d_y^2 + c),
+        d(x) = (g(x) - mu) / sigma,
+
+    where ``g`` are pixel coordinates in [-1, 1], ``p = sigmoid(logits)`` (detached) marks what the model
+    already predicts -- every object the words fit -- and ``mu`` / ``sigma`` are the mean / spread of ``g``
+    weighted by ``p^2``. The extreme object in direction ``w`` gets a positive ``r``, the others a negative
+    one; ``q`` selects the central one. Starts as the identity (the last layer is zero)."""
+
+    def __init__(self, vocab_size: int, dim: int = 32, hidden: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)  # its own word embedding, learned from the RIS data
+        self.attn = nn.Linear(dim, 1)
+        self.head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 5))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        words = self.embed(tokens)
+        att = self.attn(words).squeeze(-1).masked_fill(pad_mask, float("-inf")).softmax(-1)  # (B, L)
+        wx, wy, qx, qy, c = self.head(torch.einsum("bl,bld->bd", att, words)).T[..., None, None, None]
+        p = torch.sigmoid(logits.detach())
+        weight = p * p
+        total = weight.sum((2, 3), keepdim=True) + 1e-6
+        h, w = logits.shape[-2:]
+        gy = torch.linspace(-1, 1, h, device=logits.device).view(1, 1, h, 1)
+        gx = torch.linspace(-1, 1, w, device=logits.device).view(1, 1, 1, w)
+
+        def standardised(g):
+            mu = (weight * g).sum((2, 3), keepdim=True) / total
+            sd = ((weight * (g - mu) ** 2).sum((2, 3), keepdim=True) / total + 1e-3).sqrt()
+            return ((g - mu) / sd).clamp(-3, 3)
+
+        dx, dy = standardised(gx), standardised(gy)
+        return p * (wx * dx + wy * dy - qx * dx * dx - qy * dy * dy + c)
 
 
 def ris_loss(logits: torch.Tensor, mask: torch.Tensor, dice_weight: float = 0.0, target: str = "nearest"
@@ -395,7 +450,8 @@ class CRIS(nn.Module):
 
     def __init__(self, backbone: CLIPBackbone, fpn_out=(256, 512, 1024), num_layers: int = 3, num_heads: int = 8,
                  dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None,
-                 proj_upsample: int = 4, clip_prior: str | bool | None = None, prior_feature: bool = False):
+                 proj_upsample: int = 4, clip_prior: str | bool | None = None, prior_feature: bool = False,
+                 location: str | None = None, proj_skip: bool = False, location_args: dict | None = None):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -404,7 +460,8 @@ class CRIS(nn.Module):
                              "(the decoder cross-attends visual tokens to word features)")
         self.neck = FPN(backbone.channels, fpn_out)
         self.decoder = VisionLanguageDecoder(num_layers, fpn_out[1], num_heads, dim_ffn, dropout)
-        self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3, upsample=int(proj_upsample))
+        self.proj = Projector(backbone.embed_dim, fpn_out[1] // 2, 3, upsample=int(proj_upsample),
+                              skip_dim=backbone.channels[0] if proj_skip else 0)
         self.pad_token_id = int(pad_token_id)
         self.frozen: tuple = ()  # CLIP towers frozen by :meth:`freeze`
         # (ours, off in CRIS) the pretrained CLIP's own text-to-pixel score as a residual logit:
@@ -418,6 +475,10 @@ class CRIS(nn.Module):
         self.clip_prior = nn.Parameter(torch.tensor([10.0, -4.0])) if clip_prior else None
         # (ours) the prior map also enters the decoder's input (stride 16), so the mask head can follow it
         self.prior_feature = conv_bn_relu(1, fpn_out[1], 1, 0) if (clip_prior and prior_feature) else None
+        if location not in (None, "relative"):
+            raise ValueError(f"location must be null or relative, got {location!r}")
+        self.location = (RelativeLocation(backbone.token_embedding.num_embeddings, **(location_args or {}))
+                         if location == "relative" else None)
         if prior:
             self.proj.init_prior(float(prior))
 
@@ -452,9 +513,14 @@ class CRIS(nn.Module):
                 fq = fq + self.prior_feature(F.interpolate(prior, size=fq.shape[-2:], mode="bilinear",
                                                            align_corners=False))
         fq = self.decoder(fq, words, pad_mask)
-        logits = self.proj(fq, state)  # (B, 1, S/4, S/4)
+        skip = None
+        if self.proj.skip is not None:
+            skip = feats[0] if image_index is None else feats[0][image_index]
+        logits = self.proj(fq, state, skip)  # (B, 1, S/4, S/4)
         if prior is not None:
             logits = logits + F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        if self.location is not None:
+            logits = logits + self.location(logits, tokens, pad_mask)
         return logits
 
     def prior_logits(self, dense: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -490,19 +556,23 @@ class CRIS(nn.Module):
                 m.eval()
         return self
 
-    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float, prior_lr_mult: float = 20.0
-                     ) -> list[dict]:
+    def param_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float, prior_lr_mult: float = 20.0,
+                     location_lr_mult: float = 20.0) -> list[dict]:
         """AdamW groups: the CLIP backbone at ``lr * backbone_lr_mult`` (CRIS: 0.1), the rest at ``lr``; the
         two numbers of the CLIP prior (scale, offset; in logit units) at ``lr * prior_lr_mult``, no decay."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # frozen towers: not optimised
         bb = [p for n, p in named if n.startswith("backbone.") and "c5_shortcut" not in n]
         bb_ids = {id(p) for p in bb}
         prior = [p for n, p in named if n == "clip_prior"]
-        rest = [p for n, p in named if id(p) not in bb_ids and id(p) not in {id(q) for q in prior}]
+        location = [p for n, p in named if n.startswith("location.")]
+        fast = {id(q) for q in prior + location}
+        rest = [p for n, p in named if id(p) not in bb_ids and id(p) not in fast]
         groups = [{"params": bb, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay, "name": "backbone"},
                   {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "head"}]
         if prior:
             groups.append({"params": prior, "lr": lr * prior_lr_mult, "weight_decay": 0.0, "name": "clip_prior"})
+        if location:
+            groups.append({"params": location, "lr": lr * location_lr_mult, "weight_decay": 0.0, "name": "location"})
         return groups
 
 

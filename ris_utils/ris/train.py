@@ -68,6 +68,8 @@ DEFAULTS = dict(
     freeze="none",            # none (CRIS) | visual | text | both (ETRIS-style frozen towers, cached features)
     feature_cache=None,       # folder for the frozen image tower's features (shared by runs); None = memory only
     feature_cache_mb=None,    # memory bound of the in-memory feature copy (None = unbounded)
+    prior_lr_mult=20.0,       # (ours) lr multiplier of the CLIP prior's scale and offset (model_args.clip_prior)
+    location_lr_mult=20.0,    # (ours) lr multiplier of the relative-location head (model_args.location)
 )
 
 
@@ -105,7 +107,8 @@ _NUMERIC = (("epochs", int, 1, False), ("batch_size", int, 1, False), ("input_si
             ("lr", float, 0.0, False), ("backbone_lr_mult", float, 0.0, False), ("weight_decay", float, 0.0, False),
             ("grad_clip", float, 0.0, False), ("threshold", float, None, False), ("adam_eps", float, 0.0, False),
             ("dice_weight", float, 0.0, False), ("train_steps", int, 1, True), ("val_every", int, 1, True),
-            ("feature_cache_mb", float, 0.0, True))
+            ("feature_cache_mb", float, 0.0, True), ("prior_lr_mult", float, 0.0, False),
+            ("location_lr_mult", float, 0.0, False))
 
 
 def check_settings(cfg: dict) -> None:
@@ -450,7 +453,8 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
                  else convert_dist_batchnorm(model))
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     raw = model.module if world > 1 else model
-    groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"], cfg.get("prior_lr_mult", 20.0))
+    groups = raw.param_groups(cfg["lr"], cfg["backbone_lr_mult"], cfg["weight_decay"], cfg["prior_lr_mult"],
+                              cfg["location_lr_mult"])
     base_lrs = [g["lr"] for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"], eps=float(cfg["adam_eps"]))
     start_epoch, step, history, steps_log, curve = 0, 0, [], [], []
