@@ -324,6 +324,9 @@ class ModelArgs:                    # the CRIS head (ris_utils.ris.model; None =
     proj_upsample: int | None = None
     clip_prior: str | None = None
     prior_feature: bool | None = None
+    location: str | None = None     # (ours) relative: the relative-location head (ris.model.RelativeLocation)
+    proj_skip: bool | None = None   # (ours) the frozen tower's C3 into the projector
+    location_args: dict | None = None   # the location head's sizes
 
 
 @dataclass
@@ -426,6 +429,8 @@ class Ris:
     batch_size: int = 64            # [CRIS]
     lr: float = 1e-4                # [CRIS] base_lr
     backbone_lr_mult: float = 0.1   # [CRIS]
+    prior_lr_mult: float = 20.0     # (ours) the CLIP prior's scale / offset (model_args.clip_prior)
+    location_lr_mult: float = 20.0  # (ours) the relative-location head (model_args.location)
     weight_decay: float = 0.0
     grad_clip: float | None = None  # default 0.0 ([CRIS] max_norm 0)
     max_norm: float | None = None   # [CRIS] alias of grad_clip

@@ -121,3 +121,17 @@ def test_the_ris_section_is_checked_but_left_as_given():
     cfg = profiles.step_config("shapes", "ris")
     assert set(cfg) - {"note"} == set(prof["shared"]) | set(prof["ris"]) | {"step"}
     assert "ris" in settings.NOT_FILLED
+
+
+def test_every_ris_default_is_a_setting():
+    """ris.train.DEFAULTS (until the ris code reads settings.Ris): every key a field, the same value."""
+    from ris_utils.ris.train import DEFAULTS
+
+    fields = {f.name: f for f in dataclasses.fields(settings.Ris)}
+    for key, value in DEFAULTS.items():
+        if key in ("seed", "device"):
+            assert key in {f.name for f in dataclasses.fields(settings.Shared)}
+            continue
+        assert key in fields, f"ris.train.DEFAULTS[{key!r}]: add the field to ris_utils.settings.Ris"
+        if fields[key].default not in (None, dataclasses.MISSING):
+            assert fields[key].default == value, key
