@@ -149,7 +149,7 @@ def _prepare_cfg(root, out):
 
 def test_prepare_warns_when_phrasecut_is_absent(tmp_path, caplog):
     cfg = _prepare_cfg(tmp_path / "data", tmp_path / "pc_refer")
-    with caplog.at_level(logging.WARNING, logger="ris_utils.download"):
+    with caplog.at_level(logging.WARNING, logger="ris_utils.data.paper"):
         stats = paper.prepare(cfg)
     assert "download_dataset.py" in caplog.text and str(tmp_path / "data" / "phrasecut") in caplog.text
     assert stats["data.refcoco.train.refs"] == 4 and not any("phrasecut" in k for k in stats)
