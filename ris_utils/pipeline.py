@@ -61,10 +61,12 @@ class MissingInput(FileNotFoundError):
 
 
 def run_first(step: str, profile: str | None = None) -> str:
-    """``"run notebooks/NN_x.ipynb (or `python -m ris_utils <cmd> --profile P`) first"``."""
+    """``"run notebooks/NN_x.ipynb (or `python -m ris_utils.runs --profile P --only NN`) first"``: the notebook
+    that writes ``step``'s output, and the command that runs that notebook as ``make reproduce`` does (the
+    step's own command, ``Step.command``, needs arguments that depend on what it is run on)."""
     s = STEP[step]
-    cmd = f" (or `python -m ris_utils {s.command} --profile {profile or 'NAME'}`)" if s.command else ""
-    return f"run notebooks/{s.notebook}{cmd} first"
+    return (f"run notebooks/{s.notebook} (or `python -m ris_utils.runs --profile {profile or 'NAME'} "
+            f"--only {s.notebook[:2]}`) first")
 
 
 def _outputs(cfg: dict, step: str, splits, modes) -> list[Path]:

@@ -39,9 +39,9 @@ def test_require_names_the_notebook_and_the_command(tmp_path):
         pipeline.require(ccfg, "captions")
     msg = str(e.value)
     assert "captions/naive/train not found" in msg
-    assert "run notebooks/02_distinctive_captions.ipynb (or `python -m ris_utils captions --profile shapes`) first" \
-        in msg
-    with pytest.raises(pipeline.MissingInput, match="01_mask_proposals.ipynb .*ris_utils masks"):
+    assert ("run notebooks/02_distinctive_captions.ipynb (or `python -m ris_utils.runs --profile shapes --only 02`)"
+            " first") in msg
+    with pytest.raises(pipeline.MissingInput, match="01_mask_proposals.ipynb .*--only 01"):
         pipeline.require(ccfg, "masks", splits=["val"])
     for mode in ("naive", "distinctive"):
         for split in ("train", "val"):
@@ -88,4 +88,4 @@ def test_commands_go_through_the_orchestrator():
     assert cli.COMMANDS is pipeline.COMMANDS
     assert [s.name for s in pipeline.STEPS] == ["data", "masks", "captions", "filter", "export", "ris", "tables"]
     assert pipeline.run_first("filter", "paper") == ("run notebooks/03_distinctiveness_filtering.ipynb "
-                                                     "(or `python -m ris_utils filter --profile paper`) first")
+                                                     "(or `python -m ris_utils.runs --profile paper --only 03`) first")
