@@ -58,9 +58,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from ris_utils.data.sources import GROUPS, SOURCES, Source
 from ris_utils.fileio import atomic_write
 from ris_utils.profiles import step_config
+from ris_utils.sources import GROUPS, SOURCES, Source
 
 logger = logging.getLogger(__name__)
 

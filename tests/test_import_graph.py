@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "ris_utils"
 #: module (or package) prefix -> pipeline level; the longest matching prefix wins. A new module needs a line.
 LEVELS = {
     "": 0, "settings": 0, "profiles": 0, "layout": 0, "fileio": 0, "images": 0, "models": 0, "metrics": 0,
-    "text": 0, "crops": 0, "engine": 0,                                     # base: every step may use them
+    "text": 0, "crops": 0, "engine": 0, "sources": 0,                                     # base: every step may use them
     "data": 1, "download": 1,                                               # notebook 00
     "masks": 2,                                                             # notebook 01, step 1
     "captioning": 3, "train_captioner": 3,                                  # notebook 02, step 2
