@@ -34,6 +34,7 @@ from ris_utils.captioning import CocaDecoder, TokenIds
 from ris_utils.captioning.decoding import beam_search
 from ris_utils.captioning.step import image_path, run_captions, view_kinds
 from ris_utils.captioning.tiny import random_coca
+from ris_utils.captioning.train import load_captioner
 from ris_utils.data import refer, shapes
 from ris_utils.filtering import (
     degree_of_distinctiveness,
@@ -44,7 +45,6 @@ from ris_utils.filtering import (
 )
 from ris_utils.images import load_image_rgb
 from ris_utils.profiles import step_config
-from ris_utils.train_captioner import load_captioner
 
 logger = logging.getLogger(__name__)
 

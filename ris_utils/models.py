@@ -86,7 +86,7 @@ def warmup_cosine_lr(step: int, steps: int, warmup: int, lr: float = 1.0, after_
 
     ``after_warmup=False`` (the shapes CLIPs, :mod:`ris_utils.train_clip`, :mod:`ris_utils.ris.pretrain`): the
     warmup factor ``min(1, (s + 1) / warmup)`` times a cosine over all ``steps``. ``after_warmup=True`` (the
-    shapes captioner, :mod:`ris_utils.train_captioner`): ``lr (s + 1) / warmup`` during warmup, then the
+    shapes captioner, :mod:`ris_utils.captioning.train`): ``lr (s + 1) / warmup`` during warmup, then the
     cosine over the remaining ``steps - warmup``. Both forms keep their checkpoints' training bit for bit."""
     if after_warmup:
         if step < warmup:

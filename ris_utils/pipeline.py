@@ -146,8 +146,9 @@ def filter_jobs(cfg: dict, captions_cfg: dict, jobs: list[dict], workers: int | 
     Returns:
       the filter folder of each job, in the order of ``jobs``.
     """
-    from ris_utils import filtering, train_captioner
+    from ris_utils import filtering
     from ris_utils.captioning import step as captions_step
+    from ris_utils.captioning import train as train_captioner
 
     cfg = settings.complete("filter", cfg)
     jobs = filtering.check_filter_jobs(jobs)

@@ -181,7 +181,7 @@ class Beam:                         # the beam candidate of each view (only when
 
 
 @dataclass
-class CaptionerTrain:               # python -m ris_utils.train_captioner (the shapes captioner; not in the paper)
+class CaptionerTrain:               # python -m ris_utils.captioning.train (the shapes captioner; not in the paper)
     seed: int = 0                   # torch init + batch sampling + caption sampling
     world_seed: int = 1000          # the in-memory training world's seed (not the evaluation world's)
     n_images: int = 400             # training scenes (3-7 objects each)

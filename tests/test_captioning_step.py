@@ -21,8 +21,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def captioner():
     from ris_utils.captioning.tokenizer import shapes_tokenizer
+    from ris_utils.captioning.train import Captioner, build_model, model_config
     from ris_utils.crops import model_view_settings
-    from ris_utils.train_captioner import Captioner, build_model, model_config
 
     tok = shapes_tokenizer()
     model = build_model("coca_shapes", tok.vocab_size, seed=0).eval()

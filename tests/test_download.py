@@ -387,7 +387,7 @@ def test_authors_coca_is_downloaded_recorded_and_is_the_paper_default(server, tm
 
 
 def test_missing_captioner_file_names_the_setting(tmp_path):
-    from ris_utils.train_captioner import load_captioner
+    from ris_utils.captioning.train import load_captioner
 
     with pytest.raises(FileNotFoundError, match="captions.pretrained .*does not exist.*coca-cc3m"):
         load_captioner({"tokenizer": "open_clip", "model": "coca_ViT-L-14",

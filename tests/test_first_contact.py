@@ -18,8 +18,8 @@ def _assert_quiet(caplog, capsys):
 
 
 def test_committed_shapes_checkpoints_load_without_the_random_init_warning(caplog, capsys):
+    from ris_utils.captioning.train import load_captioner
     from ris_utils.filtering import build_clip
-    from ris_utils.train_captioner import load_captioner
 
     caplog.set_level(logging.INFO)
     cap = load_captioner(profiles.step_config("shapes", "captions"), device="cpu")

@@ -466,7 +466,8 @@ def test_broken_records_given_to_filter_and_export_are_one_line(tmp_path):
 
 
 def test_a_typod_checkpoint_path_fails_before_any_work_naming_setting_and_path(tmp_path, monkeypatch):
-    from ris_utils import filtering, pipeline, train_captioner
+    from ris_utils import filtering, pipeline
+    from ris_utils.captioning import train as train_captioner
     from ris_utils.profiles import step_config
 
     trained = []

@@ -14,7 +14,7 @@ LEVELS = {
     "text": 0, "crops": 0, "engine": 0, "sources": 0,                                     # base: every step may use them
     "data": 1, "download": 1,                                               # notebook 00
     "masks": 2,                                                             # notebook 01, step 1
-    "captioning": 3, "train_captioner": 3,                                  # notebook 02, step 2
+    "captioning": 3,                                                        # notebook 02, step 2
     "filtering": 4, "clip_scorer": 4, "train_clip": 4,                      # notebook 03, step 3
     "export": 5, "formats": 5, "report": 5,                                 # notebook 03, the export
     "ris": 6,                                                               # notebook 04

@@ -51,7 +51,7 @@ def _tiny_cfg(tmp_path, **train):
 
 
 def test_short_training_lowers_loss_and_round_trips(tmp_path):
-    from ris_utils.train_captioner import card_matches, load_captioner, train
+    from ris_utils.captioning.train import card_matches, load_captioner, train
 
     cfg = _tiny_cfg(tmp_path)
     cap = train(cfg, out=cfg["pretrained"], log_every=0)
@@ -74,7 +74,7 @@ def test_short_training_lowers_loss_and_round_trips(tmp_path):
 
 
 def test_same_seed_same_weights(tmp_path):
-    from ris_utils.train_captioner import train
+    from ris_utils.captioning.train import train
 
     cfg = _tiny_cfg(tmp_path, steps=3, n_images=4)
     a, b = train(cfg, log_every=0), train(cfg, log_every=0)

@@ -38,10 +38,10 @@ import torch
 
 from ris_utils import engine, layout, profiles, settings
 from ris_utils.captioning import CocaDecoder, generate_candidates
+from ris_utils.captioning.train import check_captioner_checkpoint, load_captioner
 from ris_utils.data import refer, shapes
 from ris_utils.images import load_image_rgb
 from ris_utils.models import torch_threads
-from ris_utils.train_captioner import check_captioner_checkpoint, load_captioner
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def run_captions(cfg: dict, split: str, mode: str, captioner=None, items: list[d
       cfg: ``profiles.step_config(profile, "captions", ...)``.
       split: the split name (``train``, ``val``, ...): picks ``<work_dir>/masks/<split>`` / the GT scenes.
       mode: ``naive`` or ``distinctive``.
-      captioner: a loaded :class:`ris_utils.train_captioner.Captioner` (default: ``load_captioner(cfg)``).
+      captioner: a loaded :class:`ris_utils.captioning.train.Captioner` (default: ``load_captioner(cfg)``).
       items: engine items (default: from ``masks_dir`` or, with ``source: gt``, the world's objects).
       out_dir: default ``<work_dir>/captions/<mode>/<split>``.
       rank, world_size, merge_output: passed to :func:`ris_utils.engine.run` (one shard of the images,

@@ -22,7 +22,7 @@ For ``tokenizer: shapes`` the checkpoint is used only when its card matches the 
 vocabulary and training settings; otherwise the captioner is trained on first use and cached under
 ``<work_dir>/captioner/`` (``retrain=True`` forces it). CLI::
 
-    python -m ris_utils.train_captioner --profile shapes [--out ris_utils/assets/coca_shapes.pt] [--param k=v]
+    python -m ris_utils.captioning.train --profile shapes [--out ris_utils/assets/coca_shapes.pt] [--param k=v]
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def train(cfg: dict, out: str | Path | None = None, log_every: int = 50) -> Capt
     name = cfg["model"]
     tok = build_tokenizer(cfg["tokenizer"])
     if not hasattr(tok, "to_dict"):
-        raise ValueError("train_captioner trains only word-tokenizer captioners (captions.tokenizer: shapes)")
+        raise ValueError("the captioner trainer trains only word-tokenizer captioners (captions.tokenizer: shapes)")
     mcfg = model_config(name, tok.vocab_size)
     tok.context_length = int(mcfg["text_cfg"]["context_length"])
     t0 = time.perf_counter()
@@ -282,7 +282,7 @@ def _card(model, name, mcfg, tok, views, fill, tr, m, history, seconds, t_data) 
         "train_seconds": round(seconds, 1),
         "data_seconds": round(t_data, 1),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
-        "produced_by": "python -m ris_utils.train_captioner",
+        "produced_by": "python -m ris_utils.captioning.train",
     }
 
 
@@ -328,7 +328,7 @@ def _load_word_checkpoint(path: Path, card: dict, cfg: dict) -> Captioner:
         model.load_state_dict({k: t.float() if t.is_floating_point() else t for k, t in state.items()})
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise RuntimeError(f"captioner checkpoint {path} could not be loaded ({e}); delete it or retrain "
-                           f"(python -m ris_utils.train_captioner)") from e
+                           f"(python -m ris_utils.captioning.train)") from e
     model.eval()
     vs = crops.model_view_settings(model)
     return Captioner(model, tok, vs["size"], vs["mean"], vs["std"], name, str(path), card)
@@ -411,7 +411,7 @@ def load_captioner(cfg: dict, retrain: bool = False, device=None) -> Captioner:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ris_utils.train_captioner",
+    ap = argparse.ArgumentParser(prog="python -m ris_utils.captioning.train",
                                  description="Train the shapes-world CoCa captioner (tiny open_clip CoCa).")
     ap.add_argument("--profile", default="shapes", help="profile name or YAML path (default: shapes)")
     ap.add_argument("--out", default=None,
