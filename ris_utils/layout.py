@@ -133,6 +133,16 @@ def ris_runs_dir(work, name: str | None = None) -> Path:
     return _root(work) / name
 
 
+def ris_run_dir(runs, trainset: str, style: str | None, seed: int) -> Path:
+    """``<runs dir>/<trainset>/<style or any>/seed<k>``: one run of the grid (``last.pt``, ``eval/``, ...)."""
+    return Path(runs) / trainset / (style or "any") / f"seed{int(seed)}"
+
+
+def your_images_dir(work) -> Path:
+    """``<work_dir>/../your_images``: notebook 06's demo photos and outputs (beside the profile's work_dir)."""
+    return _root(work).parent / "your_images"
+
+
 def feature_cache_dir(work, runs: str | None = None) -> Path:
     """``<runs dir>/features``: the frozen towers' features, shared by every run."""
     return ris_runs_dir(work, runs) / "features"

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ris_utils import layout
 from ris_utils.data import refer
 from ris_utils.data.refer import refs_path, select_split
 from ris_utils.export import mix_datasets, sample_images
@@ -175,14 +176,14 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                 if not path.is_dir():
                     logger.warning("no export %s: run notebook 03 (step 3) first; row %s skipped", path, ts)
                     continue
-                jobs.append(Job(ts, None, seed, str(path), None, None, str(runs / ts / "any" / f"seed{seed}"),
+                jobs.append(Job(ts, None, seed, str(path), None, None, str(layout.ris_run_dir(runs, ts, None, seed)),
                                 [evals_by_style[s] for s in styles if s in evals_by_style], val_spec))
                 continue
             for style in styles:
                 if style in eval_only:  # evaluation-only benchmark: no human refs are trained on
                     continue
                 split_by = evals_by_style.get(style, {}).get("split_by", ex.get("split_by", "shapes"))
-                out = runs / ts / style / f"seed{seed}"
+                out = layout.ris_run_dir(runs, ts, style, seed)
                 ev = [evals_by_style[style]] if style in evals_by_style else []
                 sval = {"path": str(data_root), "dataset": style, "split_by": split_by} if val else None
                 if ts == "gt":
