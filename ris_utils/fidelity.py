@@ -78,7 +78,6 @@ def measure_box(ccfg: dict, fcfg: dict, modes=("naive", "distinctive"), progress
 
 
 def _beam_diff(decoder, ids, embs, nb: int, ng: int, seq_len: int, min_seq_len: int) -> tuple[int, int]:
-
     a = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len)
     b = beam_search(decoder, ids, embs, num_beams=nb, num_beam_groups=ng, seq_len=seq_len, min_seq_len=min_seq_len,
                     hypotheses="shared")
@@ -161,7 +160,6 @@ def measure_fallback(fcfg: dict, modes=("naive", "distinctive")) -> dict:
 
 
 def run(profile: str = "shapes", out=None, what=("box", "beam", "precision", "fallback"), progress=False) -> dict:
-
     ccfg = step_config(profile, "captions")
     fcfg = step_config(profile, "filter")
     res = {"profile": profile}

@@ -195,7 +195,6 @@ def _train(cfg, ccfg, name, tr, out, progress):
 
 
 def cli(argv: list[str] | None = None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils.train_clip", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")
     ap.add_argument("--out", default=None, help="checkpoint path (default: filter.clip.checkpoint)")

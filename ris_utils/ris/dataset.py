@@ -136,7 +136,6 @@ class _ReferBase(torch.utils.data.Dataset):
 
     def __init__(self, refer: ReferData, split: str, tokenizer, input_size: int, word_len: int,
                  cache: bool = True, image_fallback_roots=()):
-
         self._load = load_image_rgb
         self.refer = refer
         self.split = split

@@ -16,7 +16,6 @@ ATTRIBUTE_KINDS = ("color", "shape", "size", "pattern", "location")
 
 def named_attributes(sentence: str) -> set[str]:
     """The attribute kinds named in ``sentence`` (subset of :data:`ATTRIBUTE_KINDS`)."""
-
     p = parse_expression(sentence)
     out = {k for k in ("color", "shape", "size", "pattern") if p[k]}
     if p["locations"]:

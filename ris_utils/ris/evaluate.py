@@ -137,7 +137,6 @@ def evaluate_checkpoint(checkpoint, data, split: str = "val", dataset: str | Non
     those refs only, ``n_refs`` says how many); ``overrides`` (e.g. ``threshold``, ``eval_batch_size``)
     replace the checkpoint's settings.
     """
-
     dev = resolve_device(device)
     model, tok, cfg = loaded or load_checkpoint(checkpoint, dev)
     cfg = {**cfg, **{k: v for k, v in overrides.items() if v is not None}}

@@ -84,7 +84,6 @@ def _hash(d: dict) -> str:
 
 def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
     """Write the human refs of ``fraction`` of the train images of ``style`` as a REFER set; returns its root."""
-
     human = refer.load_refer(data_root, style, split_by)
     train = refer.select_split(human.refs, "train")
     chosen = set(sample_images([r["image_id"] for r in train], fraction, seed))
@@ -99,7 +98,6 @@ def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: in
 
 def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
     """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root)."""
-
     mix_datasets(open_refer(pseudo_dir), refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
                  dataset=style, split_by="mix", images="none")
     return Path(out_root)
@@ -128,7 +126,6 @@ def _resolve_eval_set(e: dict) -> dict:
 
 def _refs_missing(e: dict, data_root) -> Path | None:
     """The refs file of eval set ``e`` when it does not exist, else None."""
-
     p = refs_path(e.get("data_root") or data_root, e["dataset"], e.get("split_by", "shapes"))
     return None if p.is_file() else p
 
@@ -302,7 +299,6 @@ def run_job(job: Job | dict, cfg: dict) -> dict:
 def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, str]]) -> list[str]:
     """Score ``out/last.pt`` on each (eval set, split) of ``todo``, each on the set's own ``data_root`` when it
     names one (else the profile's); writes ``out/eval/<style>.<split>.json``, returns their paths."""
-
     device = resolve_device(cfg["device"])  # the profile's device (CPU in CI, the GPU on Colab)
     loaded = load_checkpoint(out / "last.pt", device)
     stores = feature_stores(loaded[0], {**loaded[2], "feature_cache": cfg.get("feature_cache")}, device)
@@ -322,7 +318,6 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
 def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     """Rough cost of a job in forward passes: training samples (train refs x epochs, a training step costing
     ~3 forwards) + evaluated sentences. Used only to order the pool's queue (:func:`run_jobs`)."""
-
     cache = {} if _refs is None else _refs
 
     def refs(path, dataset, split_by):
@@ -443,7 +438,6 @@ def curves(jobs: list[Job]) -> list[dict]:
 def pretrain_card(cfg: dict) -> dict | None:
     """The card of the RIS model's pretrained CLIP (``<pretrained minus .pt>.json``), when it has one: data,
     seed, steps, time and the training-free pick accuracies of :func:`ris_utils.ris.pretrain.pick_accuracy`."""
-
     pre = cfg.get("pretrained")
     if not isinstance(pre, str) or not pre.endswith(".pt"):
         return None

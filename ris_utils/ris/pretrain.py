@@ -84,7 +84,6 @@ TEMPLATES = ("{a} {x}", "{a} {x} shape", "{a} {x} object", "one {x}")
 def generic_caption(obj, rng: np.random.Generator) -> str:
     """A generic caption of one object: each of size / colour / pattern with probability 0.5 (surface forms
     varied), always the shape, in one of :data:`TEMPLATES` ("a red circle", "one big striped star shape")."""
-
     attrs = [a for a in ("size", "color", "pattern") if rng.random() < 0.5]
     x = shapes.phrase(obj, attrs, None, rng, article=None)
     t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
@@ -93,7 +92,6 @@ def generic_caption(obj, rng: np.random.Generator) -> str:
 
 def fits(caption: str, obj) -> bool:
     """Whether every attribute the caption names (and its shape) is ``obj``'s (the referee's reading)."""
-
     p = shapes.parse_expression(caption)
     if p["shape"] != {obj.shape}:
         return False
@@ -106,7 +104,6 @@ def pretrain_world(world_seed: int, n_images: int, input_size: int, scene_size: 
     Returns ``(images, objects, masks)``: images uint8 (N, 3, S, S) letterboxed to ``input_size`` as the RIS
     model's input; objects[i] = the scene's ``ShapeObject`` list; masks[i] = (n_i, S, S) bool at the input size.
     """
-
     imgs, objs, masks = [], [], []
     ann = 1
     for i in range(int(n_images)):
@@ -122,14 +119,12 @@ def pretrain_world(world_seed: int, n_images: int, input_size: int, scene_size: 
 
 def cell_weights(masks: np.ndarray, grid: int):
     """(n, S, S) bool masks -> (n, grid*grid) float: the share of each C5 cell covered by each mask."""
-
     m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
     return F.adaptive_avg_pool2d(m, grid).flatten(1)
 
 
 def region_embeddings(dense, weights: list):
     """dense (B, D, g, g) C5 maps; weights[b] (n_b, g*g) cell weights -> (sum n_b, D) region means."""
-
     out = []
     for d, w in zip(dense, weights):
         w = w / w.sum(1, keepdim=True).clamp_min(1e-6)
@@ -142,7 +137,6 @@ def fit_loss(regions, texts, pos, scale):
 
     regions (N, D), texts (N, D) L2-normalised; pos (N, N) bool, pos[i, j] = caption j fits object i
     (the diagonal is always True); scale: the logit scale."""
-
     logits = scale * regions @ texts.T
     p = pos.float()
     li = -(p / p.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -260,7 +254,6 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
       ``input_size``) -- the crop-level grounding step 3 relies on.
     Returns ``{"dense": acc, "crop": acc, "chance": mean 1/n_objects, "n": sentences}``.
     """
-
     ev = cfg["eval"]
     root = Path(ev["data_root"])
     if not (root / ev["dataset"]).is_dir():
@@ -306,14 +299,12 @@ def pick_accuracy(model, tok, cfg: dict) -> dict:
 
 def _relative(v) -> str:
     """A setting as text, a path under the project root relative to it (cards are committed)."""
-
     s = str(v)
     root = str(project_root()) + "/"
     return s[len(root):] if s.startswith(root) else s
 
 
 def cli(argv: list[str] | None = None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--profile", default="shapes")
     ap.add_argument("--out", default=None, help="checkpoint path (default: ris.pretrain.checkpoint)")

@@ -326,7 +326,6 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
 
 
 def cli(argv=None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m ris_utils train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", required=True, help="REFER folder of the training set (its 'train' split is used)")
     ap.add_argument("--val", default=None, help="REFER folder for per-epoch validation (split ris.val_split)")
