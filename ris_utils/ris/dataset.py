@@ -29,7 +29,8 @@ from ris_utils.images import load_image_rgb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Letterbox", "letterbox_params", "letterbox_image", "letterbox_mask", "unletterbox",
+__all__ = ["Letterbox", "letterbox_params", "letterbox_image", "letterbox_tensor", "letterbox_mask", "unletterbox",
+           "image_key",
            "resolve_refer", "open_refer", "RisTrainSet", "RisEvalSet", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN, CLIP_STD = DEFAULT_MEAN, DEFAULT_STD  # OpenAI CLIP's normalisation (one place: ris_utils.crops)
@@ -112,6 +113,19 @@ def resolve_refer(path: str | os.PathLike, dataset: str | None = None, split_by:
     return found[0]
 
 
+def letterbox_tensor(img: np.ndarray, size: int) -> tuple[torch.Tensor, Letterbox]:
+    """HxWx3 uint8 -> (letterboxed 3xSxS uint8 tensor, its :class:`Letterbox`)."""
+    lbimg, lb = letterbox_image(img, size)
+    return torch.from_numpy(lbimg).permute(2, 0, 1).contiguous(), lb
+
+
+def image_key(path, size: int) -> str:
+    """The key of an image's features (:class:`ris_utils.ris.features.ImageFeatureStore`): its resolved path
+    and the letterbox size, so the same file seen through a linked export and through the human data root is
+    one key."""
+    return f"{os.path.realpath(path)}@{int(size)}"
+
+
 def _image_path(refer: ReferData, image_id: int, fallback_roots=()) -> Path:
     try:
         return refer.image_path(image_id)
@@ -158,8 +172,7 @@ class _ReferBase(torch.utils.data.Dataset):
         if img.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image {image_id}: file is {img.shape[1]}x{img.shape[0]} but instances.json says "
                              f"{info['width']}x{info['height']}")
-        lbimg, lb = letterbox_image(img, self.input_size)
-        out = (torch.from_numpy(lbimg).permute(2, 0, 1).contiguous(), lb)  # uint8 3xSxS
+        out = letterbox_tensor(img, self.input_size)
         if self.cache:
             self._img_cache[image_id] = out
         return out
@@ -171,8 +184,7 @@ class _ReferBase(torch.utils.data.Dataset):
         for i in (ref_indices.tolist() if torch.is_tensor(ref_indices) else ref_indices):
             image_id = self.refs[int(i)]["image_id"]
             if image_id not in self._keys:
-                self._keys[image_id] = f"{os.path.realpath(_image_path(self.refer, image_id, self.fallback))}" \
-                                       f"@{self.input_size}"
+                self._keys[image_id] = image_key(_image_path(self.refer, image_id, self.fallback), self.input_size)
             out.append(self._keys[image_id])
         return out
 

@@ -45,7 +45,7 @@ from ris_utils.images import load_image_rgb
 from ris_utils.models import resolve_device, seed_everything
 from ris_utils.profiles import project_root, resolve_paths
 from ris_utils.ris.build import build_tokenizer, make_model, resolve_config
-from ris_utils.ris.dataset import _to_tensor_image, letterbox_image, open_refer
+from ris_utils.ris.dataset import _to_tensor_image, image_key, letterbox_tensor, open_refer
 from ris_utils.ris.diagnostics import ATTRIBUTE_KINDS
 from ris_utils.ris.evaluate import evaluate_checkpoint, load_checkpoint
 from ris_utils.ris.features import feature_stores
@@ -106,10 +106,16 @@ def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: floa
 def runs_dir(cfg: dict) -> Path:
     """Where the grid's runs go: ``<work_dir>/<experiments.runs_dir>`` (default ``ris``). A profile variant
     that shares steps 1-3 with its base (same ``work_dir``) but trains differently names its own."""
-    name = (cfg.get("experiments") or {}).get("runs_dir") or "ris"
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(f"ris.experiments.runs_dir must be a folder name under work_dir, got {name!r}")
-    return Path(cfg["work_dir"]) / name
+    return layout.ris_runs_dir(cfg, (cfg.get("experiments") or {}).get("runs_dir"))
+
+
+def _feature_cache(cfg: dict) -> dict:
+    """``cfg`` with ``feature_cache`` = ``<runs dir>/features`` unless set: frozen towers' features are shared
+    by every run of the grid."""
+    if not cfg.get("feature_cache") and cfg.get("work_dir"):
+        runs = (cfg.get("experiments") or {}).get("runs_dir")
+        cfg = {**cfg, "feature_cache": str(layout.feature_cache_dir(cfg, runs))}
+    return cfg
 
 
 _NEW_EVAL_KEYS = ("data_root", "eval_only", "optional")
@@ -336,17 +342,9 @@ def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     return 3.0 * n_train * float(resolve_config(cfg)["epochs"]) + n_eval
 
 
-def _feature_cache(cfg: dict) -> dict:
-    if not cfg.get("feature_cache") and cfg.get("work_dir"):  # frozen towers: features shared by every run
-        cfg = {**cfg, "feature_cache": str(runs_dir(cfg) / "features")}
-    return cfg
-
-
 def job_images(jobs: list[Job], cfg: dict) -> list[str]:
     """The images every job trains or is evaluated on, as image-feature keys (resolved path ``@`` input size),
     sorted; an image linked into several sets is one key."""
-    import os
-
     sets = {(str(j.train_path), j.train_dataset, j.split_by) for j in jobs}
     sets |= {(str(ev.get("data_root") or cfg["data_root"]), ev["dataset"], ev.get("split_by", "shapes"))
              for j in jobs for ev in j.evals}
@@ -355,7 +353,7 @@ def job_images(jobs: list[Job], cfg: dict) -> list[str]:
         refer = open_refer(path, dataset, split_by)
         for image_id in sorted({r["image_id"] for r in refer.refs}):
             try:
-                keys.add(f"{os.path.realpath(refer.image_path(image_id))}@{int(cfg['input_size'])}")
+                keys.add(image_key(refer.image_path(image_id), cfg["input_size"]))
             except FileNotFoundError:
                 continue  # the training / evaluation run reports it
     return sorted(keys)
@@ -377,8 +375,7 @@ def encode_images(keys: list[str], cfg: dict) -> int:
     todo = [k for k in keys if not store.on_disk(k)]
     for k in todo:
         def load(_, path=k.rsplit("@", 1)[0]):
-            return _to_tensor_image(torch.from_numpy(letterbox_image(load_image_rgb(path), tcfg["input_size"])[0])
-                                    .permute(2, 0, 1).contiguous())
+            return _to_tensor_image(letterbox_tensor(load_image_rgb(path), tcfg["input_size"])[0])
         store.batch([k], load=load)
         store.mem.clear()
     return len(todo)
