@@ -16,18 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_engine import _env  # a subprocess environment that imports this checkout
 
 from ris_utils import engine, fileio
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _cli(*args, timeout=300):
