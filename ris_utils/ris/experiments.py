@@ -369,7 +369,8 @@ def encode_images(keys: list[str], cfg: dict) -> int:
         torch.set_num_threads(int(cfg["threads"]))
     tcfg = resolve_config(_train_settings(cfg, cfg["seed"]))
     seed_everything(int(tcfg["seed"]))  # a random-init tower (tests): the weights of that seed's runs
-    store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)), tcfg)[0]
+    # memory bound 0: the store keeps only the image at hand (the rest is on disk for the runs)
+    store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)), {**tcfg, "feature_cache_mb": 0})[0]
     if store is None or store.folder is None:
         return 0
     todo = [k for k in keys if not store.on_disk(k)]
@@ -377,7 +378,6 @@ def encode_images(keys: list[str], cfg: dict) -> int:
         def load(_, path=k.rsplit("@", 1)[0]):
             return _to_tensor_image(letterbox_tensor(load_image_rgb(path), tcfg["input_size"])[0])
         store.batch([k], load=load)
-        store.mem.clear()
     return len(todo)
 
 
