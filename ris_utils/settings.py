@@ -326,7 +326,8 @@ class ModelArgs:                    # the CRIS head (ris_utils.ris.model; None =
     prior_feature: bool | None = None
     proj_skip: bool | None = None   # (ours) the image tower's C3 into the projector (logits at stride 8)
     location: str | None = None     # (ours) relative: the relative-location head (ris.model.RelativeLocation)
-    location_args: dict | None = _free()   # its dim / hidden
+    location_args: dict | None = _free()   # its pool (attention | bag), dim / hidden (attention)
+    neck_kernel: int | None = None  # [CRIS] 3: the neck's convs; 1 (ours): 1x1, the tiny CPU head
 
 
 @dataclass

@@ -251,3 +251,53 @@ def test_projector_c3_skip_and_location_head_in_the_model():
     assert {id(p) for p in groups["location"]["params"]} == {id(p) for p in m.location.parameters()}
     with pytest.raises(ValueError, match="upsample 2"):
         build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, proj_skip=True)
+
+
+def test_bag_location_head_gives_a_word_the_same_push_in_any_phrase():
+    from ris_utils.ris.model import RelativeLocation
+
+    head = RelativeLocation(vocab_size=12, pool="bag")
+    # sentences (SOT=2, EOT=3, pad=0): "the(5) right(7) ring(9)" and "the ring on(6) the right" and "ring"
+    tok = torch.tensor([[2, 5, 7, 9, 3, 0, 0, 0], [2, 5, 9, 6, 5, 7, 3, 0], [2, 9, 3, 0, 0, 0, 0, 0]])
+    pad = tok == 0
+    assert torch.equal(head.coefficients(tok, pad), torch.zeros(3, 6))  # identity at start
+    with torch.no_grad():
+        head.words.weight[7] = torch.tensor([4.0, 0, 0, 0, 0, 0])  # "right": w_x = 4
+        head.words.weight[0] = 100.0  # padding must not count
+    co = head.coefficients(tok, pad)
+    assert torch.equal(co[0], co[1]) and co[0, 0] == 4.0 and torch.equal(co[2], torch.zeros(6))
+    logits = torch.full((3, 1, 8, 8), -6.0)
+    logits[:, 0, 3:5, 1:3] = 2.0   # two objects of one kind, left and right
+    logits[:, 0, 3:5, 5:7] = 2.0
+    r = head(logits, tok, pad)
+    assert r[0, 0, 3:5, 5:7].min() > 2 and r[0, 0, 3:5, 1:3].max() < -2 and torch.equal(r[0], r[1])
+    assert r[2].abs().max() == 0  # no location word: untouched
+    # "second from the right" over three objects in a row: w_x > 0 with q_w > 0 peaks at the middle one
+    logits = torch.full((1, 1, 8, 12), -6.0)
+    for x0 in (1, 5, 9):
+        logits[0, 0, 3:5, x0:x0 + 2] = 2.0
+    with torch.no_grad():
+        head.words.weight[9] = torch.tensor([0, 0, 0, 0, 0, 6.0])  # "ring" plays "second": q_w = 6
+    r = head(logits, tok[:1], pad[:1])[0, 0]
+    assert r[3:5, 5:7].mean() > r[3:5, 9:11].mean() > r[3:5, 1:3].mean()
+    with pytest.raises(ValueError, match="location_args.pool"):
+        RelativeLocation(vocab_size=12, pool="max")
+
+
+def test_neck_kernel_1_makes_every_neck_conv_1x1_and_keeps_the_shapes():
+    from ris_utils.ris.model import FPN
+
+    torch.manual_seed(0)
+    feats = (torch.randn(2, 16, 8, 8), torch.randn(2, 32, 4, 4), torch.randn(2, 24, 4, 4))
+    state = torch.randn(2, 24)
+    outs = {}
+    for k in (3, 1):
+        neck = FPN((16, 32, 24), (8, 16, 24), kernel=k).eval()
+        sizes = {m.kernel_size for m in neck.modules() if isinstance(m, torch.nn.Conv2d)}
+        assert sizes == ({(1, 1), (3, 3)} if k == 3 else {(1, 1)})
+        outs[k] = neck(feats, state)
+    assert outs[1].shape == outs[3].shape == (2, 16, 4, 4)
+    m = build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, neck_kernel=1)
+    assert m.neck.q3[0].kernel_size == (1, 1)
+    with pytest.raises(ValueError, match="neck_kernel"):
+        FPN((16, 32, 24), (8, 16, 24), kernel=5)
