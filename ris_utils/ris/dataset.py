@@ -160,6 +160,9 @@ class _ReferBase(torch.utils.data.Dataset):
         self.fallback = tuple(image_fallback_roots)
         self.tokens = [tokenizer([s["sent"] or s["raw"] for s in r["sentences"]], context_length=self.word_len)
                        for r in self.refs]  # per ref (n_sent, L)
+        # False: items leave out "img" -- a frozen image tower's cached features replace it, and a cache miss
+        # asks :meth:`image_tensor` (normalising every image of every batch was ~15 % of a frozen-tower step)
+        self.with_images = True
         self._img_cache: dict[int, tuple[torch.Tensor, Letterbox]] = {}
         self._mask_cache: dict[int, torch.Tensor] = {}
         self._keys: dict[int, str] = {}
@@ -176,6 +179,10 @@ class _ReferBase(torch.utils.data.Dataset):
         if self.cache:
             self._img_cache[image_id] = out
         return out
+
+    def image_tensor(self, i: int) -> torch.Tensor:
+        """The letterboxed, CLIP-normalised 3xSxS image of ref ``i`` (an item's ``"img"``)."""
+        return _to_tensor_image(self.image(self.refs[int(i)]["image_id"])[0])
 
     def image_keys(self, ref_indices) -> list[str]:
         """The resolved image file path of each ref (the key of :class:`ris_utils.ris.features.ImageFeatureStore`:
@@ -200,7 +207,8 @@ class _ReferBase(torch.utils.data.Dataset):
 class RisTrainSet(_ReferBase):
     """Refs of a split; ``set_epoch(e)`` fixes which sentence each ref uses this epoch.
 
-    Item: ``{"img": 3xSxS float (normalised), "tokens": (L,) long, "mask": SxS float {0,1}, "index": int}``.
+    Item: ``{"img": 3xSxS float (normalised), "tokens": (L,) long, "mask": SxS float {0,1}, "index": int}``
+    (no ``"img"`` when ``with_images`` is False).
     """
 
     def __init__(self, *args, seed: int = 0, **kw):
@@ -218,12 +226,13 @@ class RisTrainSet(_ReferBase):
 
     def __getitem__(self, i: int) -> dict:
         img, lb = self.image(self.refs[i]["image_id"])
-        return {"img": _to_tensor_image(img), "tokens": self.tokens[i][self.choice[i]],
-                "mask": self.lb_mask(i, lb).float(), "index": i}
+        item = {"tokens": self.tokens[i][self.choice[i]], "mask": self.lb_mask(i, lb).float(), "index": i}
+        return {"img": _to_tensor_image(img), **item} if self.with_images else item
 
 
 class RisEvalSet(_ReferBase):
-    """Every sentence of every ref of a split. Item: ``{"img", "tokens", "ref_index", "sent_index"}``;
+    """Every sentence of every ref of a split. Item: ``{"img", "tokens", "ref_index", "sent_index"}`` (no
+    ``"img"`` when ``with_images`` is False);
     :meth:`gt_mask` gives the original-size HxW mask, :meth:`geometry` the letterbox of the ref's image."""
 
     def __init__(self, *args, **kw):
@@ -237,9 +246,8 @@ class RisEvalSet(_ReferBase):
 
     def __getitem__(self, k: int) -> dict:
         i, j = self.pairs[k]
-        img, _ = self.image(self.refs[i]["image_id"])
-        return {"img": _to_tensor_image(img), "tokens": self.tokens[i][j],
-                "ref_index": i, "sent_index": j}
+        item = {"tokens": self.tokens[i][j], "ref_index": i, "sent_index": j}
+        return {"img": self.image_tensor(i), **item} if self.with_images else item
 
     def geometry(self, i: int) -> Letterbox:
         return self.image(self.refs[i]["image_id"])[1]

@@ -42,18 +42,19 @@ def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, devi
     mostly share images: ~10 per image on the shapes world) when the model can take precomputed image
     features (:meth:`CRIS.encode_image`); the same logits as ``model(img, tokens)`` up to float noise.
     ``stores`` = :func:`ris_utils.ris.features.feature_stores` of a model with frozen towers."""
-    img, tokens = batch["img"].to(device), batch["tokens"].to(device)
+    tokens = batch["tokens"].to(device)
+    img_store, txt_store = stores or (None, None)
+    img = batch["img"].to(device) if img_store is None else None  # a frozen tower's features replace it
     if not hasattr(model, "encode_image"):
         return model(img, tokens)
-    img_store, txt_store = stores or (None, None)
     text = txt_store.batch(tokens) if txt_store else None
-    keys = data.image_keys(batch["ref_index"]) if img_store is not None else \
-        [data.refs[i]["image_id"] for i in batch["ref_index"].tolist()]
+    refs = batch["ref_index"].tolist()
+    keys = data.image_keys(refs) if img_store is not None else [data.refs[i]["image_id"] for i in refs]
     first: dict = {}
-    inverse = torch.tensor([first.setdefault(k, len(first)) for k in keys], device=img.device)
+    inverse = torch.tensor([first.setdefault(k, len(first)) for k in keys], device=tokens.device)
     rows = [keys.index(k) for k in first]
     if img_store is not None:
-        feats = img_store.batch(list(first), img[rows])
+        feats = img_store.batch(list(first), load=lambda r: data.image_tensor(refs[rows[r]]))
     elif len(first) == len(keys):
         return model(img, tokens, text=text)
     else:
@@ -81,6 +82,8 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
                                          collate_fn=collate, num_workers=0)
     thr = float(cfg["threshold"])
     picks, chance, pick_records = [], [], []
+    had_images = data.with_images
+    data.with_images = not (stores and stores[0] is not None)  # cached image features: no image per sentence
     for batch in loader:
         prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
         for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
@@ -100,6 +103,7 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
             if len(kept) < keep_predictions:
                 kept.append((i, j, pred))
     model.train(was_training)
+    data.with_images = had_images
     out = ev.compute()
     out["pick_acc"] = float(np.mean(picks)) if picks else None
     out["pick_chance"] = float(np.mean(chance)) if chance else None

@@ -233,10 +233,15 @@ def _model(cfg: dict, tok, ckpt, ckpt_path, device, world):
 
 def _step(model, batch: dict, train_set, stores, opt, cfg: dict, device, world: int) -> float:
     """One optimizer step on one batch; returns the loss (averaged over the ranks)."""
-    img, tokens, mask = (batch[k].to(device) for k in ("img", "tokens", "mask"))
-    feats = stores[0].batch(train_set.image_keys(batch["index"]), img) if stores[0] else None
+    tokens, mask = batch["tokens"].to(device), batch["mask"].to(device)
+    img = feats = None
+    if stores[0]:  # frozen image tower: cached features (an image is normalised only when its features are missing)
+        index = batch["index"].tolist()
+        feats = stores[0].batch(train_set.image_keys(index), load=lambda r: train_set.image_tensor(index[r]))
+    else:
+        img = batch["img"].to(device)
     text = stores[1].batch(tokens) if stores[1] else None
-    logits = model(None if feats else img, tokens, feats=feats, text=text)  # (B, 1, S/s, S/s)
+    logits = model(img, tokens, feats=feats, text=text)  # (B, 1, S/s, S/s)
     loss = ris_loss(logits, mask, dice_weight=cfg["dice_weight"], target=cfg["loss_target"])
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -270,6 +275,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
     train_set, sampler, loader, total_steps, val_set = _data(cfg, tok, train_path, val_path, train_dataset,
                                                              split_by, val_dataset, val_split_by, world, rank)
     model, raw, stores, opt, base_lrs = _model(cfg, tok, ckpt, ckpt_path, device, world)
+    train_set.with_images = stores[0] is None
     start_epoch, step, history, steps_log, curve = 0, 0, [], [], []
     if ckpt is not None:
         start_epoch, step = ckpt["epoch"], ckpt["step"]
