@@ -37,6 +37,7 @@ the sampled ones. Every ref keeps its origin in ``"source": "human" | "pseudo"``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -64,6 +65,10 @@ IMAGE_MODES = ("link", "copy", "none")
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
 #: ``export.order``: the order of a ref's sentences (and which ``export.max_sentences_per_ref`` keeps)
 ORDERS = ("generation", "doc")
+#: the rule-based head noun of a sentence (a pure function of the text: a sentence repeats across masks and images)
+_rule_noun = functools.lru_cache(maxsize=1 << 16)(rule_head_noun)
+#: ``json.dumps(obj, sort_keys=True)`` of a candidate line, with one encoder for every line
+_encode_line = json.JSONEncoder(sort_keys=True).encode
 
 
 def select_sentences(cands: list[dict], survivors, max_sentences: int | None = None,
@@ -178,7 +183,7 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     refer.write_refer(out_dir, dataset, split_by, ex.refs, ex.images_out, ex.anns, categories)
     with open(out_dir / "candidates.jsonl", "w", encoding="utf-8") as f:
         for line in ex.cand_lines:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.write(_encode_line(line) + "\n")
     card = {"name": name or final_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
             "dataset": dataset, "split_by": split_by, "split": "train",
             "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
@@ -246,6 +251,7 @@ class _Export:
         return surv, all_surv, dropped
 
     def _candidate_lines(self, rec: dict, t: int, m: dict, cands: list, all_surv: list, surv: list, dropped) -> None:
+        all_surv, exported = set(all_surv), set(surv) if dropped is None else set()
         for ci, c in enumerate(cands):
             self.n_cands += 1
             keep = bool(c.get("keep", False))
@@ -262,14 +268,14 @@ class _Export:
                 "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
                 "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
                 "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in all_surv,
-                "exported": dropped is None and ci in surv,
+                "exported": ci in exported,
             })
 
     def _add_ref(self, rec: dict, image_id, m: dict, cands: list, surv: list, h: int, w: int) -> None:
         texts = [cands[i]["text"] for i in surv]
         if self.dedupe:
             texts = list(dict.fromkeys(texts))
-        nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")] or [rule_head_noun(t) for t in texts]
+        nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")] or [_rule_noun(t) for t in texts]
         noun = (Counter(nouns).most_common(1)[0][0] if nouns else "object") or "object"
         cid = self.cat_ids.setdefault(noun, len(self.cat_ids) + 1)
         ann = refer.make_annotation(self.ann_id, image_id, cid, refer.decode_segmentation(m["segmentation"], h, w))
