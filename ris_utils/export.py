@@ -316,7 +316,7 @@ class _Export:
         }
 
 
-def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_ref: int | None = None,
+def training_distinct_rate(records: list[dict], scenes, max_sentences_per_ref: int | None = None,
                            order: str = "generation", unfiltered: bool = False, min_iou: float = 0.5) -> dict:
     """Shapes world: distinct rate of the sentences a training set trains on, without writing it.
 
@@ -328,20 +328,19 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
 
     Arguments:
       records: filter records (or captions records with ``unfiltered``: every candidate a sentence).
-      scenes: ``shapes.load_scenes(data_root)``.
+      scenes: ``shapes.load_scenes(data_root)``, or a :class:`ris_utils.data.shapes.DistinctJudge` over them
+        (its verdicts are kept across calls: several export rules / training sets of one split).
       max_sentences_per_ref, order: as :func:`select_sentences`.
     Returns:
       ``{"per_sample": mean over refs of the distinct share, "per_sentence": distinct / sentences,
       "refs": n, "sentences": n, "sentences_per_ref": mean}``.
     """
+    judge = shapes.DistinctJudge.of(scenes, min_iou)
     per_ref, n_sent, n_dist = [], 0, 0
     for rec in records:
         if rec.get("status", "ok") != "ok":
             continue
-        scene = scenes.get(rec["image_id"])
-        if scene is None:
-            raise KeyError(f"training_distinct_rate: image {rec['image_id']} has no scene (wrong data_root?)")
-        gt = shapes.object_masks(scene)
+        judge.scene(rec["image_id"], "training_distinct_rate")
         for m in rec.get("masks") or []:
             cands = m.get("candidates") or []
             if unfiltered:
@@ -352,9 +351,8 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
                 idx = select_sentences(cands, m.get("survivors") or [], max_sentences_per_ref, order)
             if not idx:
                 continue
-            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
-            obj, _ = shapes.match_object(mask, gt, min_iou)
-            d = [obj is not None and shapes.referee(cands[i]["text"], scene) == {obj} for i in idx]
+            obj, _ = judge.mask_object(rec, m)
+            d = [judge.is_distinct(rec["image_id"], cands[i]["text"], obj) for i in idx]
             per_ref.append(sum(d) / len(d))
             n_sent += len(d)
             n_dist += sum(d)

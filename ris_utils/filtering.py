@@ -74,6 +74,7 @@ from ris_utils.clip_scorer import (  # noqa: F401 - the scorer's names, importab
     make_scorer,
 )
 from ris_utils.data.refer import decode_segmentation
+from ris_utils.data.shapes import DistinctJudge
 from ris_utils.images import load_image_rgb
 from ris_utils.models import torch_threads
 from ris_utils.profiles import parse_params, project_root, save_config, step_config
@@ -410,18 +411,20 @@ def _subset(records: list[dict], which: str) -> list[dict]:
     return out
 
 
-def distinct_rates(records: list[dict], scenes: dict, min_iou: float = 0.5) -> dict:
+def distinct_rates(records: list[dict], scenes, min_iou: float = 0.5) -> dict:
     """Shapes-world distinct rates of filter records, before and after the filter.
 
     Uses the captions step's :func:`ris_utils.captioning.step.distinct_rate` (GT object by IoU >= 0.5, the
-    symbolic referee). Returns ``{"before": rate over all candidates, "after": rate over candidates with
+    symbolic referee), each mask and sentence judged once (``scenes``: ``shapes.load_scenes(data_root)`` or
+    a :class:`ris_utils.data.shapes.DistinctJudge` over them, which keeps its verdicts for later calls). Returns ``{"before": rate over all candidates, "after": rate over candidates with
     keep (DoC > 1 / single-mask rule), "exported": rate over the survivors incl. fallbacks,
     "masks_with_survivor": share of masks with >= 1 kept candidate, "n_before", "n_after", "n_masks"}``.
     """
     recs = [r for r in records if r.get("status", "ok") == "ok"]
-    before = distinct_rate(_subset(recs, "all"), scenes, min_iou)
-    after = distinct_rate(_subset(recs, "keep"), scenes, min_iou)
-    exported = distinct_rate(_subset(recs, "survivors"), scenes, min_iou)
+    judge = DistinctJudge.of(scenes, min_iou)
+    before = distinct_rate(_subset(recs, "all"), judge, min_iou)
+    after = distinct_rate(_subset(recs, "keep"), judge, min_iou)
+    exported = distinct_rate(_subset(recs, "survivors"), judge, min_iou)
     masks = [m for r in recs for m in r.get("masks") or [] if m.get("candidates")]
     with_surv = sum(any(c.get("keep") for c in m["candidates"]) for m in masks)
     return {"before": before["rate"], "after": after["rate"], "exported": exported["rate"],
