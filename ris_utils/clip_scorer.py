@@ -8,6 +8,7 @@ model (the paper's OpenAI RN50, or our shapes CLIP, trained on first use when ``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,12 @@ class ClipScorer:
       prompt: the noun prompt template (``"a photo of a {noun}"``).
       logit_scale: ``None`` = the model's ``exp(logit_scale)`` (100 for OpenAI weights), else a number.
       batch_size: crops / texts per forward pass (a pass is split only when larger).
+
+    Image features are kept (up to :attr:`image_memo_mb`) by the bytes of the image and its masks: the same
+    image with the same masks (another caption mode or seed of a split) gets the features of its first pass.
     """
+
+    image_memo_mb = 256  #: memory of the kept image features (cleared when full)
 
     def __init__(self, model, tokenizer, size: int, mean, std, fill=0, prompt: str = DEFAULT_PROMPT,
                  logit_scale: float | None = None, batch_size: int = 256, device=None, precision: str = "fp32",
@@ -75,6 +81,8 @@ class ClipScorer:
 
             convert_weights_to_lp(self.model, torch.float16)
         self.logit_scale = float(logit_scale)
+        self._image_memo: dict = {}
+        self._image_memo_bytes = 0
 
     @property
     def doc_dtype(self) -> str:
@@ -109,13 +117,24 @@ class ClipScorer:
     def image_features(self, image: np.ndarray, masks) -> dict:
         """``{"masked": (K, D), 1.2: (K, D)}`` L2-normalised features; one pass per view kind.
 
-        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool.
+        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool. The same image and masks again: the same features
+        (kept from the first pass; do not change them).
         """
+        key = _array_key(image, masks)
+        feats = self._image_memo.get(key)
+        if feats is not None:
+            return feats
         feats = {}
         for view in ("masked", 1.2):
             x = make_views(image, masks, views=(view,), size=self.size, fill=self.fill, mean=self.mean,
                            std=self.std, box=self.box)[:, 0]  # (K, 3, S, S)
             feats[view] = self._encode(self.model.encode_image, x)
+        size = sum(f.element_size() * f.nelement() for f in feats.values())
+        if self._image_memo_bytes + size > self.image_memo_mb * 2**20:
+            self._image_memo.clear()
+            self._image_memo_bytes = 0
+        self._image_memo[key] = feats
+        self._image_memo_bytes += size
         return feats
 
     def text_features(self, texts: Sequence[str]) -> dict:
@@ -160,6 +179,14 @@ class ClipScorer:
                 cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
             out.append((noun_s.numpy().astype(np.float32), cap_s.numpy().astype(np.float32)))
         return out
+
+
+def _array_key(*arrays) -> tuple:
+    """A key of numpy arrays' contents: their dtypes, shapes and a BLAKE2b of their bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return tuple((str(np.asarray(a).dtype), np.shape(a)) for a in arrays) + (h.hexdigest(),)
 
 
 def build_clip(cfg: dict, device=None):

@@ -314,9 +314,10 @@ def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor
         keep = select_survivors(doc, K, ns[:, t] if cl else None, cs[:, t] if cl else None)
         surv, fb, dropped = apply_fallback(keep, fallback, rng)
         new_c = []
+        ns64, cs64 = np.asarray(ns, dtype=np.float64), np.asarray(cs, dtype=np.float64)  # exact: float(x) of each
         for i, (c, (_, noun)) in enumerate(zip(m.get("candidates") or [], cl)):
-            new_c.append({**c, "noun": noun, "noun_scores": [float(x) for x in ns[i]],
-                          "caption_scores": [float(x) for x in cs[i]], "doc": float(doc[i]), "keep": bool(keep[i])})
+            new_c.append({**c, "noun": noun, "noun_scores": ns64[i].tolist(), "caption_scores": cs64[i].tolist(),
+                          "doc": float(doc[i]), "keep": bool(keep[i])})
         out_masks.append({**m, "candidates": new_c, "survivors": surv, "fallback": fb, "dropped": dropped})
     return {**body, "masks": out_masks, "n_masks": K}
 
