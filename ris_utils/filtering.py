@@ -56,6 +56,7 @@ engine shard of every job (same records as one process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -378,7 +379,8 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     conf = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
                                     "head_noun", "precision", "box")}
     conf["candidates"] = str(candidates_dir)
-    with torch_threads(cfg["threads"]):
+    keep = getattr(scorer, "keeping_image_features", contextlib.nullcontext)  # another mode / seed: same crops
+    with torch_threads(cfg["threads"]), keep():
         summary = engine.run("filter", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
                              progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
     if merge_output and engine.dist_info()[0] == 0:
