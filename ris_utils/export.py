@@ -41,9 +41,11 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +67,8 @@ IMAGE_MODES = ("link", "copy", "none")
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
 #: ``export.order``: the order of a ref's sentences (and which ``export.max_sentences_per_ref`` keeps)
 ORDERS = ("generation", "doc")
-#: the rule-based head noun of a sentence (a pure function of the text: a sentence repeats across masks and images)
-_rule_noun = functools.lru_cache(maxsize=1 << 16)(rule_head_noun)
-#: ``json.dumps(obj, sort_keys=True)`` of a candidate line, with one encoder for every line
-_encode_line = json.JSONEncoder(sort_keys=True).encode
+_rule_noun = functools.lru_cache(maxsize=1 << 16)(rule_head_noun)  # a sentence repeats across masks and images
+_encode_line = json.JSONEncoder(sort_keys=True).encode  # json.dumps(line, sort_keys=True), one encoder for all
 
 
 def select_sentences(cands: list[dict], survivors, max_sentences: int | None = None,
@@ -407,10 +407,11 @@ def trainset_sources(export_cfg: dict, split: str = "train", seed: int | None = 
     return out
 
 
-def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> dict:
+def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train", workers: int | None = 1) -> dict:
     """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train) from
     their finished filter / captions folders (:func:`trainset_sources`; a missing one fails naming the step to
-    run first; :func:`ris_utils.pipeline.build_trainsets` runs them). Returns ``{name: dataset card}``."""
+    run first; :func:`ris_utils.pipeline.build_trainsets` runs them). Returns ``{name: dataset card}``.
+    ``workers`` > 1: that many spawned processes write the sets at once (the same files as one by one)."""
     cfg = settings.complete("export", export_cfg)
     sources = trainset_sources(cfg, split)
     for name, (src, filtered) in sources.items():
@@ -419,14 +420,25 @@ def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> 
                 else "captions (notebook 02_distinctive_captions.ipynb or `python -m ris_utils captions`)"
             raise FileNotFoundError(f"export.trainsets.{name}: {src / engine.RECORDS} not found: run the {step} "
                                     f"first, or ris_utils.pipeline.build_trainsets")
-    cards = {}
-    for name, (src, filtered) in sources.items():
-        out = layout.export_dir(cfg, name)
-        cards[name] = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
-                                     images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
-                                     name=name, max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
-        save_config(cfg, out)  # the resolved settings beside the export
-    return cards
+    n = min(engine.check_workers(workers, "export workers"), len(sources))
+    if n <= 1:
+        return {name: _write_trainset(cfg, name, src, filtered, images_dir)
+                for name, (src, filtered) in sources.items()}
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=engine.watch_parent,
+                             initargs=(os.getpid(),)) as pool:
+        futures = {name: pool.submit(_write_trainset, cfg, name, src, filtered, images_dir)
+                   for name, (src, filtered) in sources.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _write_trainset(cfg: dict, name: str, src: Path, filtered: bool, images_dir) -> dict:
+    """One set of :func:`write_trainsets` (its export and the resolved settings beside it); returns its card."""
+    out = layout.export_dir(cfg, name)
+    card = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
+                          images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]), name=name,
+                          max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
+    save_config(cfg, out)  # the resolved settings beside the export
+    return card
 
 
 # --------------------------------------------------------------------------- semi-supervised mix
