@@ -426,9 +426,9 @@ def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train", wor
                 for name, (src, filtered) in sources.items()}
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=engine.watch_parent,
                              initargs=(os.getpid(),)) as pool:
-        futures = {name: pool.submit(_write_trainset, cfg, name, src, filtered, images_dir)
-                   for name, (src, filtered) in sources.items()}
-        return {name: f.result() for name, f in futures.items()}
+        biggest_first = sorted(sources, key=lambda k: -(sources[k][0] / engine.RECORDS).stat().st_size)
+        futures = {name: pool.submit(_write_trainset, cfg, name, *sources[name], images_dir) for name in biggest_first}
+        return {name: futures[name].result() for name in sources}
 
 
 def _write_trainset(cfg: dict, name: str, src: Path, filtered: bool, images_dir) -> dict:
