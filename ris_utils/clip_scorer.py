@@ -8,6 +8,8 @@ model (the paper's OpenAI RN50, or our shapes CLIP, trained on first use when ``
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +43,13 @@ class ClipScorer:
       prompt: the noun prompt template (``"a photo of a {noun}"``).
       logit_scale: ``None`` = the model's ``exp(logit_scale)`` (100 for OpenAI weights), else a number.
       batch_size: crops / texts per forward pass (a pass is split only when larger).
+
+    Inside :meth:`keeping_image_features` (what :func:`ris_utils.filtering.run_filter` opens), image features
+    are kept (up to :attr:`image_memo_mb`) by the bytes of the image and its masks: the same image with the
+    same masks (another caption mode or seed of a split) gets the features of its first pass.
     """
+
+    image_memo_mb = 256  #: memory of the kept image features (cleared when full)
 
     def __init__(self, model, tokenizer, size: int, mean, std, fill=0, prompt: str = DEFAULT_PROMPT,
                  logit_scale: float | None = None, batch_size: int = 256, device=None, precision: str = "fp32",
@@ -75,6 +83,10 @@ class ClipScorer:
 
             convert_weights_to_lp(self.model, torch.float16)
         self.logit_scale = float(logit_scale)
+        self._image_memo: dict = {}
+        self._image_memo_bytes = 0
+        self._image_memo_key: str | None = None  # weights + preprocessing the kept features were computed with
+        self._image_memo_on = False
 
     @property
     def doc_dtype(self) -> str:
@@ -109,14 +121,49 @@ class ClipScorer:
     def image_features(self, image: np.ndarray, masks) -> dict:
         """``{"masked": (K, D), 1.2: (K, D)}`` L2-normalised features; one pass per view kind.
 
-        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool.
+        Arguments: image HxWx3 uint8 RGB; masks KxHxW bool. Within :meth:`keeping_image_features` the same
+        image and masks again get the features of the first pass (the same tensors: do not change them).
         """
+        key = _array_key(image, masks) if self._image_memo_on else None
+        feats = self._image_memo.get(key) if key is not None else None
+        if feats is not None:
+            return feats
         feats = {}
         for view in ("masked", 1.2):
             x = make_views(image, masks, views=(view,), size=self.size, fill=self.fill, mean=self.mean,
                            std=self.std, box=self.box)[:, 0]  # (K, 3, S, S)
             feats[view] = self._encode(self.model.encode_image, x)
+        if key is not None:
+            self._keep_image_features(key, feats)
         return feats
+
+    def _keep_image_features(self, key: tuple, feats: dict) -> None:
+        size = sum(f.element_size() * f.nelement() for f in feats.values())
+        if self._image_memo_bytes + size > self.image_memo_mb * 2**20:
+            self._image_memo.clear()
+            self._image_memo_bytes = 0
+        self._image_memo[key] = feats
+        self._image_memo_bytes += size
+
+    @contextlib.contextmanager
+    def keeping_image_features(self):
+        """A scope in which :meth:`image_features` keeps its results (see the class docstring). The kept features
+        last from one scope to the next while the weights and the preprocessing stay as they are."""
+        import torch
+
+        h = hashlib.blake2b(repr((self.precision, self.size, self.mean, self.std, self.fill, self.box)).encode(),
+                            digest_size=16)
+        for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            h.update(name.encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+        if h.hexdigest() != self._image_memo_key:
+            self._image_memo.clear()
+            self._image_memo_bytes, self._image_memo_key = 0, h.hexdigest()
+        self._image_memo_on = True
+        try:
+            yield self
+        finally:
+            self._image_memo_on = False
 
     def text_features(self, texts: Sequence[str]) -> dict:
         """``{text: (D,) feature}`` for the DISTINCT strings of ``texts`` (one pass)."""
@@ -160,6 +207,14 @@ class ClipScorer:
                 cap_s = self.logit_scale * (T @ img[1.2].T)  # (C, K)
             out.append((noun_s.numpy().astype(np.float32), cap_s.numpy().astype(np.float32)))
         return out
+
+
+def _array_key(*arrays) -> tuple:
+    """A key of numpy arrays' contents: their dtypes, shapes and a BLAKE2b of their bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return tuple((str(np.asarray(a).dtype), np.shape(a)) for a in arrays) + (h.hexdigest(),)
 
 
 def build_clip(cfg: dict, device=None):

@@ -37,12 +37,15 @@ the sampled ones. Every ref keeps its origin in ``"source": "human" | "pseudo"``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,8 @@ IMAGE_MODES = ("link", "copy", "none")
 EXPORT_MARKERS = ("dataset_card.json", "candidates.jsonl", "*/refs(*).p")
 #: ``export.order``: the order of a ref's sentences (and which ``export.max_sentences_per_ref`` keeps)
 ORDERS = ("generation", "doc")
+_rule_noun = functools.lru_cache(maxsize=1 << 16)(rule_head_noun)  # a sentence repeats across masks and images
+_encode_line = json.JSONEncoder(sort_keys=True).encode  # json.dumps(line, sort_keys=True), one encoder for all
 
 
 def select_sentences(cands: list[dict], survivors, max_sentences: int | None = None,
@@ -178,7 +183,7 @@ def export_dataset(candidates_dir, out_dir, dataset: str = DEFAULT_DATASET, spli
     refer.write_refer(out_dir, dataset, split_by, ex.refs, ex.images_out, ex.anns, categories)
     with open(out_dir / "candidates.jsonl", "w", encoding="utf-8") as f:
         for line in ex.cand_lines:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.write(_encode_line(line) + "\n")
     card = {"name": name or final_dir.name, "source": str(candidates_dir), "filtered": not unfiltered,
             "dataset": dataset, "split_by": split_by, "split": "train",
             "refs_file": str(refer.refs_path(out_dir, dataset, split_by).relative_to(out_dir)),
@@ -246,6 +251,7 @@ class _Export:
         return surv, all_surv, dropped
 
     def _candidate_lines(self, rec: dict, t: int, m: dict, cands: list, all_surv: list, surv: list, dropped) -> None:
+        all_surv, exported = set(all_surv), set(surv) if dropped is None else set()
         for ci, c in enumerate(cands):
             self.n_cands += 1
             keep = bool(c.get("keep", False))
@@ -262,14 +268,14 @@ class _Export:
                 "noun_score": _finite(ns[t]) if ns is not None and t < len(ns) else None,
                 "caption_score": _finite(cs[t]) if cs is not None and t < len(cs) else None,
                 "doc": _finite(c.get("doc")), "keep": keep, "survivor": ci in all_surv,
-                "exported": dropped is None and ci in surv,
+                "exported": ci in exported,
             })
 
     def _add_ref(self, rec: dict, image_id, m: dict, cands: list, surv: list, h: int, w: int) -> None:
         texts = [cands[i]["text"] for i in surv]
         if self.dedupe:
             texts = list(dict.fromkeys(texts))
-        nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")] or [rule_head_noun(t) for t in texts]
+        nouns = [cands[i].get("noun") for i in surv if cands[i].get("noun")] or [_rule_noun(t) for t in texts]
         noun = (Counter(nouns).most_common(1)[0][0] if nouns else "object") or "object"
         cid = self.cat_ids.setdefault(noun, len(self.cat_ids) + 1)
         ann = refer.make_annotation(self.ann_id, image_id, cid, refer.decode_segmentation(m["segmentation"], h, w))
@@ -310,7 +316,7 @@ class _Export:
         }
 
 
-def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_ref: int | None = None,
+def training_distinct_rate(records: list[dict], scenes, max_sentences_per_ref: int | None = None,
                            order: str = "generation", unfiltered: bool = False, min_iou: float = 0.5) -> dict:
     """Shapes world: distinct rate of the sentences a training set trains on, without writing it.
 
@@ -322,20 +328,19 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
 
     Arguments:
       records: filter records (or captions records with ``unfiltered``: every candidate a sentence).
-      scenes: ``shapes.load_scenes(data_root)``.
+      scenes: ``shapes.load_scenes(data_root)``, or a :class:`ris_utils.data.shapes.DistinctJudge` over them
+        (its verdicts are kept across calls: several export rules / training sets of one split).
       max_sentences_per_ref, order: as :func:`select_sentences`.
     Returns:
       ``{"per_sample": mean over refs of the distinct share, "per_sentence": distinct / sentences,
       "refs": n, "sentences": n, "sentences_per_ref": mean}``.
     """
+    judge = shapes.DistinctJudge.of(scenes, min_iou)
     per_ref, n_sent, n_dist = [], 0, 0
     for rec in records:
         if rec.get("status", "ok") != "ok":
             continue
-        scene = scenes.get(rec["image_id"])
-        if scene is None:
-            raise KeyError(f"training_distinct_rate: image {rec['image_id']} has no scene (wrong data_root?)")
-        gt = shapes.object_masks(scene)
+        judge.scene(rec["image_id"], "training_distinct_rate")
         for m in rec.get("masks") or []:
             cands = m.get("candidates") or []
             if unfiltered:
@@ -346,9 +351,8 @@ def training_distinct_rate(records: list[dict], scenes: dict, max_sentences_per_
                 idx = select_sentences(cands, m.get("survivors") or [], max_sentences_per_ref, order)
             if not idx:
                 continue
-            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
-            obj, _ = shapes.match_object(mask, gt, min_iou)
-            d = [obj is not None and shapes.referee(cands[i]["text"], scene) == {obj} for i in idx]
+            obj, _ = judge.mask_object(rec, m)
+            d = [judge.is_distinct(rec["image_id"], cands[i]["text"], obj) for i in idx]
             per_ref.append(sum(d) / len(d))
             n_sent += len(d)
             n_dist += sum(d)
@@ -403,10 +407,11 @@ def trainset_sources(export_cfg: dict, split: str = "train", seed: int | None = 
     return out
 
 
-def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> dict:
+def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train", workers: int | None = 1) -> dict:
     """Write the training sets of ``export.trainsets`` to ``<work_dir>/export/<name>`` (REFER, split train) from
     their finished filter / captions folders (:func:`trainset_sources`; a missing one fails naming the step to
-    run first; :func:`ris_utils.pipeline.build_trainsets` runs them). Returns ``{name: dataset card}``."""
+    run first; :func:`ris_utils.pipeline.build_trainsets` runs them). Returns ``{name: dataset card}``.
+    ``workers`` > 1: that many spawned processes write the sets at once (the same files as one by one)."""
     cfg = settings.complete("export", export_cfg)
     sources = trainset_sources(cfg, split)
     for name, (src, filtered) in sources.items():
@@ -415,14 +420,25 @@ def write_trainsets(export_cfg: dict, images_dir=None, split: str = "train") -> 
                 else "captions (notebook 02_distinctive_captions.ipynb or `python -m ris_utils captions`)"
             raise FileNotFoundError(f"export.trainsets.{name}: {src / engine.RECORDS} not found: run the {step} "
                                     f"first, or ris_utils.pipeline.build_trainsets")
-    cards = {}
-    for name, (src, filtered) in sources.items():
-        out = layout.export_dir(cfg, name)
-        cards[name] = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
-                                     images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]),
-                                     name=name, max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
-        save_config(cfg, out)  # the resolved settings beside the export
-    return cards
+    n = min(engine.check_workers(workers, "export workers"), len(sources))
+    if n <= 1:
+        return {name: _write_trainset(cfg, name, src, filtered, images_dir)
+                for name, (src, filtered) in sources.items()}
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=engine.watch_parent,
+                             initargs=(os.getpid(),)) as pool:
+        biggest_first = sorted(sources, key=lambda k: -(sources[k][0] / engine.RECORDS).stat().st_size)
+        futures = {name: pool.submit(_write_trainset, cfg, name, *sources[name], images_dir) for name in biggest_first}
+        return {name: futures[name].result() for name in sources}
+
+
+def _write_trainset(cfg: dict, name: str, src: Path, filtered: bool, images_dir) -> dict:
+    """One set of :func:`write_trainsets` (its export and the resolved settings beside it); returns its card."""
+    out = layout.export_dir(cfg, name)
+    card = export_dataset(src, out, dataset=cfg["dataset"], split_by=cfg["split_by"], unfiltered=not filtered,
+                          images_dir=images_dir, images=cfg["image_mode"], dedupe=bool(cfg["dedupe"]), name=name,
+                          max_sentences_per_ref=cfg["max_sentences_per_ref"], order=cfg["order"])
+    save_config(cfg, out)  # the resolved settings beside the export
+    return card
 
 
 # --------------------------------------------------------------------------- semi-supervised mix

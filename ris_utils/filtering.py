@@ -56,6 +56,7 @@ engine shard of every job (same records as one process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -74,6 +75,7 @@ from ris_utils.clip_scorer import (  # noqa: F401 - the scorer's names, importab
     make_scorer,
 )
 from ris_utils.data.refer import decode_segmentation
+from ris_utils.data.shapes import DistinctJudge
 from ris_utils.images import load_image_rgb
 from ris_utils.models import torch_threads
 from ris_utils.profiles import parse_params, project_root, save_config, step_config
@@ -313,9 +315,10 @@ def filter_record(record: dict, image: np.ndarray, scorer: ClipScorer, extractor
         keep = select_survivors(doc, K, ns[:, t] if cl else None, cs[:, t] if cl else None)
         surv, fb, dropped = apply_fallback(keep, fallback, rng)
         new_c = []
+        ns64, cs64 = np.asarray(ns, dtype=np.float64), np.asarray(cs, dtype=np.float64)  # exact: float(x) of each
         for i, (c, (_, noun)) in enumerate(zip(m.get("candidates") or [], cl)):
-            new_c.append({**c, "noun": noun, "noun_scores": [float(x) for x in ns[i]],
-                          "caption_scores": [float(x) for x in cs[i]], "doc": float(doc[i]), "keep": bool(keep[i])})
+            new_c.append({**c, "noun": noun, "noun_scores": ns64[i].tolist(), "caption_scores": cs64[i].tolist(),
+                          "doc": float(doc[i]), "keep": bool(keep[i])})
         out_masks.append({**m, "candidates": new_c, "survivors": surv, "fallback": fb, "dropped": dropped})
     return {**body, "masks": out_masks, "n_masks": K}
 
@@ -376,7 +379,8 @@ def run_filter(candidates_dir, out_dir, cfg: dict, scorer: ClipScorer | None = N
     conf = {k: cfg.get(k) for k in ("clip", "fallback", "nonpositive", "noun_prompt", "fill", "logit_scale",
                                     "head_noun", "precision", "box")}
     conf["candidates"] = str(candidates_dir)
-    with torch_threads(cfg["threads"]):
+    keep = getattr(scorer, "keeping_image_features", contextlib.nullcontext)  # another mode / seed: same crops
+    with torch_threads(cfg["threads"]), keep():
         summary = engine.run("filter", items, fn, out_dir, seed=int(cfg["seed"]), config=conf,
                              progress=progress, rank=rank, world_size=world_size, merge_output=merge_output)
     if merge_output and engine.dist_info()[0] == 0:
@@ -410,18 +414,20 @@ def _subset(records: list[dict], which: str) -> list[dict]:
     return out
 
 
-def distinct_rates(records: list[dict], scenes: dict, min_iou: float = 0.5) -> dict:
+def distinct_rates(records: list[dict], scenes, min_iou: float = 0.5) -> dict:
     """Shapes-world distinct rates of filter records, before and after the filter.
 
     Uses the captions step's :func:`ris_utils.captioning.step.distinct_rate` (GT object by IoU >= 0.5, the
-    symbolic referee). Returns ``{"before": rate over all candidates, "after": rate over candidates with
+    symbolic referee), each mask and sentence judged once (``scenes``: ``shapes.load_scenes(data_root)`` or
+    a :class:`ris_utils.data.shapes.DistinctJudge` over them, which keeps its verdicts for later calls). Returns ``{"before": rate over all candidates, "after": rate over candidates with
     keep (DoC > 1 / single-mask rule), "exported": rate over the survivors incl. fallbacks,
     "masks_with_survivor": share of masks with >= 1 kept candidate, "n_before", "n_after", "n_masks"}``.
     """
     recs = [r for r in records if r.get("status", "ok") == "ok"]
-    before = distinct_rate(_subset(recs, "all"), scenes, min_iou)
-    after = distinct_rate(_subset(recs, "keep"), scenes, min_iou)
-    exported = distinct_rate(_subset(recs, "survivors"), scenes, min_iou)
+    judge = DistinctJudge.of(scenes, min_iou)
+    before = distinct_rate(_subset(recs, "all"), judge, min_iou)
+    after = distinct_rate(_subset(recs, "keep"), judge, min_iou)
+    exported = distinct_rate(_subset(recs, "survivors"), judge, min_iou)
     masks = [m for r in recs for m in r.get("masks") or [] if m.get("candidates")]
     with_surv = sum(any(c.get("keep") for c in m["candidates"]) for m in masks)
     return {"before": before["rate"], "after": after["rate"], "exported": exported["rate"],

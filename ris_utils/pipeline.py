@@ -195,7 +195,8 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
 
     The filtered sets' modes are filtered in one :func:`filter_jobs` call (``workers`` processes, default
     ``filter.workers``); the unfiltered sets' captions are written when ``captions_cfg`` is given; then
-    :func:`ris_utils.export.write_trainsets`. Returns ``{name: dataset card}``.
+    :func:`ris_utils.export.write_trainsets` (the sets written by ``workers`` processes at once). Returns
+    ``{name: dataset card}``.
     """
     from ris_utils import export, filtering
 
@@ -212,7 +213,7 @@ def build_trainsets(filter_cfg: dict, export_cfg: dict, split: str = "train", sc
             if not filtered:
                 ensure_captions(captions_cfg, src, sets[name]["mode"], split, int(captions_cfg.get("seed") or 0),
                                 progress=progress)
-    return export.write_trainsets(export_cfg, filtering.images_dir_of(filter_cfg), split)
+    return export.write_trainsets(export_cfg, filtering.images_dir_of(filter_cfg), split, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------- the CLI

@@ -335,6 +335,39 @@ def test_precision_fp16_is_a_no_op_on_cpu(tiny_scorer):
         ClipScorer(tiny_scorer.model, tiny_scorer.tokenizer, 32, (0, 0, 0), (1, 1, 1), box="inclusive")
 
 
+def test_image_features_kept_within_a_scope_and_dropped_when_the_weights_change():
+    import open_clip
+    import torch
+
+    from ris_utils.crops import model_view_settings
+    from ris_utils.filtering import ClipScorer
+    from ris_utils.models import register_open_clip_configs
+
+    register_open_clip_configs()
+    torch.manual_seed(0)
+    model = open_clip.create_model("rn50_tiny", pretrained=None)
+    vs = model_view_settings(model)
+    s = ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    fresh = s.image_features(img, masks)
+    assert s.image_features(img, masks) is not fresh  # outside a scope: computed every time
+    with s.keeping_image_features():
+        first = s.image_features(img, masks)
+        assert s.image_features(img, masks.copy()) is first  # same bytes: the kept features
+        other = masks.copy()
+        other[1, 30, 30] = True
+        assert s.image_features(img, other) is not first
+    assert all(torch.equal(first[k], fresh[k]) for k in fresh)
+    with s.keeping_image_features():
+        assert s.image_features(img, masks) is first  # kept from one scope to the next
+    with torch.no_grad():
+        next(s.model.parameters()).add_(1.0)
+    with s.keeping_image_features():
+        assert s.image_features(img, masks) is not first  # other weights: computed again
+
+
 def test_fp16_scoring_path_runs_and_rounds_like_fp16():
     """The CUDA-only fp16 path (weights converted as clip.load does, logits in fp16), forced on CPU here."""
     import open_clip

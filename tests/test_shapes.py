@@ -62,6 +62,25 @@ def test_referee_attributes_and_ambiguity(scene):
     assert referee("the large square", scene) == {3}  # synonym of big
 
 
+def test_distinct_judge_gives_the_referee_and_match_verdicts_once(scene):
+    masks = shapes.object_masks(scene)
+    rec = {"image_id": 1, "height": 128, "width": 128}
+    judge = shapes.DistinctJudge({1: scene})
+    for oid, mask in masks.items():
+        m = {"segmentation": refer.encode_mask(mask)}
+        assert judge.mask_object(rec, m) == shapes.match_object(mask, masks) == (oid, 1.0)
+        assert judge.mask_object(rec, dict(m)) is judge.mask_object(rec, m)  # memoised by segmentation
+    for text in ("the red circle", "the blue circle", "a big striped square", "the left red circle"):
+        assert judge.fits(1, text) == referee(text, scene)
+        assert judge.is_distinct(1, text, 2) == (referee(text, scene) == {2})
+    assert not judge.is_distinct(1, "the blue circle", None)  # an unmatched mask is never distinct
+    assert shapes.DistinctJudge.of(judge) is judge and shapes.DistinctJudge.of({1: scene}) is not judge
+    with pytest.raises(ValueError, match="min_iou"):
+        shapes.DistinctJudge.of(judge, 0.7)
+    with pytest.raises(KeyError, match="distinct_rate: image 9 has no scene"):
+        judge.scene(9, "distinct_rate")
+
+
 def test_referee_location_words(scene):
     for expr in ("the left red circle", "the leftmost circle", "the red circle on the left", "left circle"):
         assert referee(expr, scene) == {0}, expr

@@ -246,6 +246,10 @@ class CocaDecoder:
         # as they are (:meth:`weights_fingerprint` tells a caller holding the decoder across runs).
         self.beam_memo: dict = {}
         self.beam_memo_max = 200_000
+        # image tokens of already-encoded crops (the other mode / seed of an image), by the bytes of the crops
+        # and the autocast state: the outputs of the first pass (same batch), up to encode_memo_mb
+        self.encode_memo: dict = {}
+        self.encode_memo_bytes, self.encode_memo_mb = 0, 256
 
     # --- helpers
     def weights_fingerprint(self) -> str:
@@ -271,9 +275,23 @@ class CocaDecoder:
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``model._encode_image`` -> (image_latent (B, E) L2-normalised, image_embs (B, n_tokens, W))."""
+        """``model._encode_image`` -> (image_latent (B, E) L2-normalised, image_embs (B, n_tokens, W)); the same
+        images again (bytes, shape, dtype, autocast state): the tensors of the first pass (do not change them)."""
         images = images.to(self.device, self.dtype)
+        kind = self.device.type
+        key = (hashlib.blake2b(images.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data,
+                               digest_size=16).hexdigest(), tuple(images.shape), str(images.dtype),
+               torch.is_autocast_enabled(kind), str(torch.get_autocast_dtype(kind)))
+        hit = self.encode_memo.get(key)
+        if hit is not None:
+            return hit
         latent, embs = self.model._encode_image(images)
+        size = latent.nelement() * latent.element_size() + embs.nelement() * embs.element_size()
+        if self.encode_memo_bytes + size > self.encode_memo_mb * 2**20:
+            self.encode_memo.clear()
+            self.encode_memo_bytes = 0
+        self.encode_memo[key] = (latent, embs)
+        self.encode_memo_bytes += size
         return latent, embs
 
     def _new_cache(self, blocks, rows: int, max_len: int) -> KVCache:

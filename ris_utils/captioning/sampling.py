@@ -155,12 +155,11 @@ class _Sampler:
         tokens[:, 0] = ids.sot
         done = torch.zeros(r_, dtype=torch.bool, device=dev)
         for pos in range(seq_len - 1):
-            z, c = self.logits(tokens[:, pos], pos)
-            prefix = tokens[:, : pos + 1]
-            if pos + 2 == seq_len:  # open_clip: the last position is always EOT
+            if pos + 2 == seq_len:  # open_clip: the last position is always EOT (no forward pass: nothing reads it)
                 nxt = torch.full((r_,), ids.eot, dtype=torch.long, device=dev)
             else:
-                nxt = self.choose(prefix, z, c, pos)
+                z, c = self.logits(tokens[:, pos], pos)
+                nxt = self.choose(tokens[:, : pos + 1], z, c, pos)
             nxt = torch.where(done, torch.full_like(nxt, ids.pad), nxt)
             tokens[:, pos + 1] = nxt
             done |= (nxt == ids.eot) | (nxt == ids.pad)

@@ -355,25 +355,24 @@ def run_caption_jobs(cfg: dict, jobs: list[dict], workers: int | None = 1, progr
 # ------------------------------------------------------------------------------------------ distinct rate
 
 
-def candidate_table(records, scenes: dict, min_iou: float = 0.5) -> list[dict]:
+def candidate_table(records, scenes, min_iou: float = 0.5) -> list[dict]:
     """One row per candidate of the records, scored on the shapes world.
 
-    Row keys: ``image_id, mask_index, obj_id`` (matched GT object or None), ``iou, text, view, setting,
-    mode, n_words, distinct`` (``referee(text, scene) == {obj_id}``; False when unmatched).
+    ``scenes``: ``shapes.load_scenes(data_root)``, or a :class:`ris_utils.data.shapes.DistinctJudge` over them
+    (its verdicts are kept for later calls on the same split). Row keys: ``image_id, mask_index, obj_id``
+    (matched GT object or None), ``iou, text, view, setting, mode, n_words, distinct``
+    (``referee(text, scene) == {obj_id}``; False when unmatched).
     """
+    judge = shapes.DistinctJudge.of(scenes, min_iou)
     rows = []
     for rec in records:
         if rec.get("status", "ok") != "ok":
             continue
-        scene = scenes.get(rec["image_id"])
-        if scene is None:
-            raise KeyError(f"distinct_rate: image {rec['image_id']} has no scene (wrong data_root?)")
-        gt = shapes.object_masks(scene)
+        judge.scene(rec["image_id"], "distinct_rate")
         for m in rec["masks"]:
-            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
-            obj, iou = shapes.match_object(mask, gt, min_iou)
+            obj, iou = judge.mask_object(rec, m)
             for c in m["candidates"]:
-                ok = obj is not None and shapes.referee(c["text"], scene) == {obj}
+                ok = judge.is_distinct(rec["image_id"], c["text"], obj)
                 rows.append({"image_id": rec["image_id"], "mask_index": m["mask_index"], "obj_id": obj,
                              "iou": round(float(iou), 4), "text": c["text"], "view": c["view"],
                              "setting": c["setting"], "mode": c["mode"], "n_words": len(c["text"].split()),
@@ -381,8 +380,8 @@ def candidate_table(records, scenes: dict, min_iou: float = 0.5) -> list[dict]:
     return rows
 
 
-def distinct_rate(records, scenes: dict, min_iou: float = 0.5) -> dict:
-    """Distinct rate of caption candidates (docs/DESIGN.md).
+def distinct_rate(records, scenes, min_iou: float = 0.5) -> dict:
+    """Distinct rate of caption candidates (docs/DESIGN.md); ``scenes`` as in :func:`candidate_table`.
 
     Each mask is matched to the GT object of highest IoU (>= ``min_iou``, else unmatched); a candidate is
     distinct when ``shapes.referee(text, scene) == {matched object}``.

@@ -197,11 +197,15 @@ def _validate(where_refs: str, where_inst: str, refs, images, annotations, categ
 # --------------------------------------------------------------------------- write
 
 
+#: values kept as they are, without a call (exact types: numpy scalars subclass float / int and are converted)
+_JSON_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
 def _jsonable(x):
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: v if type(v) in _JSON_LEAVES else _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [v if type(v) in _JSON_LEAVES else _jsonable(v) for v in x]
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, bytes):

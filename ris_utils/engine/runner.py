@@ -238,8 +238,8 @@ def _run_locked(step, items, fn, out_dir: Path, seed, desc, rank, world_size, me
     t0 = time.perf_counter()
     with open(log_path, "a", encoding="utf-8") as log:
         for item in todo:
-            rec = _process(item, fn, seed, fatal)
-            log.write(log_line(rec))
+            rec, line = _process(item, fn, seed, fatal)
+            log.write(line)
             log.flush()
             if fsync:
                 os.fsync(log.fileno())
@@ -281,8 +281,9 @@ def strict_exit(strict: bool, summaries) -> int:
     return 1
 
 
-def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
-    """One record for one item; exceptions of ``fn`` (except ``fatal`` ones) become error records."""
+def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> tuple[dict, str]:
+    """One record for one item and its log line; exceptions of ``fn`` (except ``fatal`` ones) become error
+    records."""
     work = dict(item)
     work["seed"] = item_seed(seed, item["image_id"])
     head = {"image_id": item["image_id"], "file_name": _file_name(item)}
@@ -297,19 +298,19 @@ def _process(item: dict, fn: Callable[[dict], dict], seed: int, fatal) -> dict:
         if bad:
             raise ValueError(f"step function returned reserved keys {sorted(bad)}")
         rec = {**head, "status": "ok", "error": None, **body}
-        json.dumps(rec)  # not JSON-able -> error record, not a crash at write time
-        return rec
+        return rec, log_line(rec)  # encoded once, here: not JSON-able -> error record, not a crash at write time
     except fatal:
         raise
     except MemoryError as e:  # one huge image: its error record, not the end of the run
         reason = (f"MemoryError: out of memory while processing {head['file_name']} ({str(e) or 'no detail'}): the "
                   f"image may be too large (masks.max_pixels limits its pixels); shrink it or free memory")
         logger.warning("engine: %s failed: %s", item["image_id"], reason)
-        return {**head, "status": "error", "error": reason[:1000]}
+        rec = {**head, "status": "error", "error": reason[:1000]}
     except Exception as e:  # noqa: BLE001 - bad input must never stop the run
         reason = f"{type(e).__name__}: {e}".strip()
         logger.warning("engine: %s failed: %s", item["image_id"], reason)
-        return {**head, "status": "error", "error": reason[:1000]}
+        rec = {**head, "status": "error", "error": reason[:1000]}
+    return rec, log_line(rec)
 
 
 def _write_manifest(out_dir: Path, step: str, ids: list, config, seed: int, rank: int) -> None:

@@ -75,6 +75,7 @@ ignored; an expression without a shape noun fits nothing (empty set).
 
 
 from .io import (
+    DistinctJudge,
     cli,
     generate_world,
     image_path,
@@ -137,6 +138,7 @@ __all__ = [
     "COLOR_WORDS",
     "DATASETS",
     "DIRECTION_WORDS",
+    "DistinctJudge",
     "FUNCTION_WORDS",
     "IMAGE_SUBDIR",
     "LOCATIONS",

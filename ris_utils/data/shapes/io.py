@@ -18,7 +18,7 @@ from PIL import Image
 from ...profiles import step_config
 from ...settings import Data, Shared, complete
 from .. import refer
-from .language import referring_sentences
+from .language import referee, referring_sentences
 from .render import make_scene, shape_mask
 from .world import (
     ANGULAR_SHAPES,
@@ -350,6 +350,60 @@ def match_object(mask: np.ndarray, masks: dict[int, np.ndarray] | Scene, min_iou
         if iou > best_iou:
             best, best_iou = obj_id, iou
     return (best, best_iou) if best_iou >= min_iou else (None, best_iou)
+
+
+class DistinctJudge:
+    """The distinct-rate verdicts of candidates over one set of scenes, each computed once (DESIGN.md).
+
+    ``mask_object(rec, m)`` = :func:`match_object` of a record's mask (memoised by image and segmentation),
+    ``fits(image_id, text)`` = :func:`referee` of a sentence in the image's scene (memoised by image and
+    text), ``is_distinct(image_id, text, obj)`` = ``obj is not None and fits(...) == {obj}``: the values of
+    calling them every time, shared across the subsets, export rules and record sets of one split (the
+    same masks and many of the same sentences). ``scenes``: :func:`load_scenes`.
+    """
+
+    def __init__(self, scenes: dict, min_iou: float = 0.5):
+        self.scenes, self.min_iou = scenes, float(min_iou)
+        self._matches: dict = {}
+        self._fits: dict = {}
+        self._gt: tuple = (None, None)  # (image_id, object masks) of the last image matched
+
+    def scene(self, image_id, where: str) -> Scene:
+        scene = self.scenes.get(image_id)
+        if scene is None:
+            raise KeyError(f"{where}: image {image_id} has no scene (wrong data_root?)")
+        return scene
+
+    def mask_object(self, rec: dict, m: dict) -> tuple[int | None, float]:
+        """``(obj_id or None, iou)`` of mask ``m`` (a dict with ``segmentation``) of record ``rec``."""
+        key = (rec["image_id"], int(rec["height"]), int(rec["width"]), json.dumps(m["segmentation"], sort_keys=True))
+        hit = self._matches.get(key)
+        if hit is None:
+            if self._gt[0] != rec["image_id"]:
+                self._gt = (rec["image_id"], object_masks(self.scene(rec["image_id"], "match")))
+            mask = refer.decode_segmentation(m["segmentation"], rec["height"], rec["width"])
+            hit = self._matches[key] = match_object(mask, self._gt[1], self.min_iou)
+        return hit
+
+    def fits(self, image_id, text: str) -> set[int]:
+        """:func:`referee` of ``text`` in the scene of ``image_id`` (the memoised set: do not change it)."""
+        key = (image_id, text)
+        hit = self._fits.get(key)
+        if hit is None:
+            hit = self._fits[key] = referee(text, self.scene(image_id, "referee"))
+        return hit
+
+    def is_distinct(self, image_id, text: str, obj: int | None) -> bool:
+        return obj is not None and self.fits(image_id, text) == {obj}
+
+    @classmethod
+    def of(cls, scenes, min_iou: float = 0.5) -> DistinctJudge:
+        """``scenes`` itself when it is a judge (with the same ``min_iou``), else a new judge over them."""
+        if isinstance(scenes, cls):
+            if scenes.min_iou != float(min_iou):
+                raise ValueError(f"DistinctJudge made with min_iou {scenes.min_iou}, asked for {min_iou}")
+            return scenes
+        return cls(scenes, min_iou)
 
 
 # --------------------------------------------------------------------------- prepare / CLI
