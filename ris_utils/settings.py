@@ -328,6 +328,7 @@ class ModelArgs:                    # the CRIS head (ris_utils.ris.model; None =
     location: str | None = None     # (ours) relative: the relative-location head (ris.model.RelativeLocation)
     location_args: dict | None = _free()   # its pool (attention | bag), dim / hidden (attention)
     neck_kernel: int | None = None  # [CRIS] 3: the neck's convs; 1 (ours): 1x1, the tiny CPU head
+    channels_last: bool | None = None   # (ours) the trained part in NHWC memory (CPU speed)
 
 
 @dataclass

@@ -301,3 +301,21 @@ def test_neck_kernel_1_makes_every_neck_conv_1x1_and_keeps_the_shapes():
     assert m.neck.q3[0].kernel_size == (1, 1)
     with pytest.raises(ValueError, match="neck_kernel"):
         FPN((16, 32, 24), (8, 16, 24), kernel=5)
+
+
+def test_channels_last_head_gives_the_same_logits_and_leaves_the_trunk_alone():
+    img, tok = torch.randn(3, 3, 64, 64), _tokens(3, seed=4)
+    out = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        m = build_model("cris_tiny", word_len=8, eot_token_id=3, image_size=64, vocab_size=12, c5_stride=16,
+                        proj_upsample=2, proj_skip=True, location="relative", neck_kernel=1,
+                        channels_last=cl).freeze("both").eval()
+        w = m.proj.vis[1][0].weight  # the projector's 3x3 conv
+        assert w.shape[-1] == 3 and w.is_contiguous() != cl
+        assert w.is_contiguous(memory_format=torch.channels_last) == cl
+        assert m.backbone.visual.conv1.weight.is_contiguous()  # the trunk (cached features) is untouched
+        with torch.no_grad():
+            out[cl] = (m.encode_image(img), m(img, tok))
+    assert all(torch.equal(a, b) for a, b in zip(out[False][0], out[True][0]))  # same cached features
+    assert torch.allclose(out[False][1], out[True][1], atol=1e-5)

@@ -337,7 +337,7 @@ class CRIS(nn.Module):
                  dim_ffn: int = 2048, dropout: float = 0.1, pad_token_id: int = 0, prior: float | None = None,
                  proj_upsample: int = 4, clip_prior: str | bool | None = None, prior_feature: bool = False,
                  location: str | None = None, proj_skip: bool = False, location_args: dict | None = None,
-                 neck_kernel: int = 3):
+                 neck_kernel: int = 3, channels_last: bool = False):
         super().__init__()
         self.backbone = backbone
         fpn_out = tuple(int(c) for c in fpn_out)
@@ -367,6 +367,14 @@ class CRIS(nn.Module):
                          if location == "relative" else None)
         if prior:
             self.proj.init_prior(float(prior))
+        # (ours) the trained part in channels-last memory (NHWC): oneDNN's CPU convolutions skip their layout
+        # reorders (tiny shapes head: a step 0.81x). The CLIP trunk stays as it is, so cached features do not
+        # depend on this switch.
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            for m in (self.neck, self.decoder, self.proj, self.prior_feature, backbone.c5_shortcut):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
 
     def encode_image(self, img: torch.Tensor):
         """The text-independent part (:meth:`CLIPBackbone.trunk`) for :meth:`forward`'s ``feats``."""
@@ -390,6 +398,8 @@ class CRIS(nn.Module):
         if image_index is not None and self.training:
             raise ValueError("image_index is for evaluation (model.eval()) only")
         words, state = text if text is not None else self.backbone.encode_text(tokens)  # (B, L, D), (B, E)
+        if self.channels_last:
+            feats = tuple(f.contiguous(memory_format=torch.channels_last) if f.dim() == 4 else f for f in feats)
         fq = self.neck(self.backbone.finish(feats), state, index=image_index)  # (B, D, S/16, S/16)
         prior = None
         if self.clip_prior is not None:
