@@ -124,8 +124,8 @@ def _scene(tmp_path, n_images=2):
     return cdir, recs
 
 
-@pytest.fixture(scope="module")
-def tiny_scorer():
+def _new_tiny_scorer():
+    """A ClipScorer on a random-init ``rn50_tiny`` (seed 0), its own model: tests may change its weights."""
     import open_clip
     import torch
 
@@ -133,13 +133,25 @@ def tiny_scorer():
     from ris_utils.filtering import ClipScorer
     from ris_utils.models import register_open_clip_configs
 
-    logging.getLogger().setLevel(logging.ERROR)
     register_open_clip_configs()
     torch.manual_seed(0)
     model = open_clip.create_model("rn50_tiny", pretrained=None)
     assert type(model.visual).__name__ == "ModifiedResNet"
     vs = model_view_settings(model)
     return ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
+
+
+def _image_with_two_masks():
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    masks = np.zeros((2, 40, 40), bool)
+    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    return img, masks
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer():
+    logging.getLogger().setLevel(logging.ERROR)
+    return _new_tiny_scorer()
 
 
 def test_scores_are_clip_logits_and_features_computed_once(tmp_path, tiny_scorer):
@@ -336,21 +348,10 @@ def test_precision_fp16_is_a_no_op_on_cpu(tiny_scorer):
 
 
 def test_image_features_kept_within_a_scope_and_dropped_when_the_weights_change():
-    import open_clip
     import torch
 
-    from ris_utils.crops import model_view_settings
-    from ris_utils.filtering import ClipScorer
-    from ris_utils.models import register_open_clip_configs
-
-    register_open_clip_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("rn50_tiny", pretrained=None)
-    vs = model_view_settings(model)
-    s = ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
-    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    masks = np.zeros((2, 40, 40), bool)
-    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    s = _new_tiny_scorer()
+    img, masks = _image_with_two_masks()
     fresh = s.image_features(img, masks)
     assert s.image_features(img, masks) is not fresh  # outside a scope: computed every time
     with s.keeping_image_features():
@@ -370,22 +371,11 @@ def test_image_features_kept_within_a_scope_and_dropped_when_the_weights_change(
 
 def test_fp16_scoring_path_runs_and_rounds_like_fp16():
     """The CUDA-only fp16 path (weights converted as clip.load does, logits in fp16), forced on CPU here."""
-    import open_clip
     import torch
     from open_clip.model import convert_weights_to_lp
 
-    from ris_utils.crops import model_view_settings
-    from ris_utils.filtering import ClipScorer
-    from ris_utils.models import register_open_clip_configs
-
-    register_open_clip_configs()
-    torch.manual_seed(0)
-    model = open_clip.create_model("rn50_tiny", pretrained=None)
-    vs = model_view_settings(model)
-    s = ClipScorer(model, open_clip.get_tokenizer("rn50_tiny"), vs["size"], vs["mean"], vs["std"])
-    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
-    masks = np.zeros((2, 40, 40), bool)
-    masks[0, :10, :10] = masks[1, 20:30, 20:30] = True
+    s = _new_tiny_scorer()
+    img, masks = _image_with_two_masks()
     cands = [[("a red dog", "dog")], [("a cat", "cat")]]
     ref = s.score_image(img, masks, cands)
     s.precision = "fp16"  # what the constructor picks on CUDA
