@@ -300,6 +300,8 @@ class RelativeLocation(nn.Module):
             return ((g - mu) / sd).clamp(-3, 3)
 
         dx, dy = standardised(gx), standardised(gy)
+        # w . d written twice on purpose: one shared node sums its two gradients in another float order, which
+        # moved the shapes gt run (51.86 -> 51.63 mIoU); the recorded numbers are this form's
         along = (wx * dx + wy * dy) / (wx * wx + wy * wy + 1).sqrt()  # u . d
         return p * (wx * dx + wy * dy - qx * dx * dx - qy * dy * dy - qw * along * along + c)
 
