@@ -19,7 +19,13 @@ import numpy as np
 from ris_utils import settings, train_clip
 from ris_utils.captioning.tokenizer import build_tokenizer
 from ris_utils.crops import BOX_MODES, make_views, model_view_settings
-from ris_utils.models import quiet_random_init, register_open_clip_configs, resolve_device, seed_everything
+from ris_utils.models import (
+    TensorMemo,
+    quiet_random_init,
+    register_open_clip_configs,
+    resolve_device,
+    seed_everything,
+)
 from ris_utils.profiles import is_profile_default, project_root
 
 logger = logging.getLogger(__name__)
@@ -83,8 +89,7 @@ class ClipScorer:
 
             convert_weights_to_lp(self.model, torch.float16)
         self.logit_scale = float(logit_scale)
-        self._image_memo: dict = {}
-        self._image_memo_bytes = 0
+        self._image_memo = TensorMemo(self.image_memo_mb)
         self._image_memo_key: str | None = None  # weights + preprocessing the kept features were computed with
         self._image_memo_on = False
 
@@ -134,16 +139,8 @@ class ClipScorer:
                            std=self.std, box=self.box)[:, 0]  # (K, 3, S, S)
             feats[view] = self._encode(self.model.encode_image, x)
         if key is not None:
-            self._keep_image_features(key, feats)
+            self._image_memo.put(key, feats)
         return feats
-
-    def _keep_image_features(self, key: tuple, feats: dict) -> None:
-        size = sum(f.element_size() * f.nelement() for f in feats.values())
-        if self._image_memo_bytes + size > self.image_memo_mb * 2**20:
-            self._image_memo.clear()
-            self._image_memo_bytes = 0
-        self._image_memo[key] = feats
-        self._image_memo_bytes += size
 
     @contextlib.contextmanager
     def keeping_image_features(self):
@@ -158,7 +155,7 @@ class ClipScorer:
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
         if h.hexdigest() != self._image_memo_key:
             self._image_memo.clear()
-            self._image_memo_bytes, self._image_memo_key = 0, h.hexdigest()
+            self._image_memo_key = h.hexdigest()
         self._image_memo_on = True
         try:
             yield self

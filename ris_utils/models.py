@@ -133,3 +133,32 @@ def torch_threads(n: int | None, setting: str = "threads"):
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+class TensorMemo:
+    """Results kept by key up to ``max_mb`` of tensor bytes; when the next one would pass the bound, all are
+    dropped first (the encoded crops of the captioner, the image features of the DoC scorer: an image's next
+    mode / seed comes soon after its first, so keeping the latest is enough). Callers must not change a kept
+    result: :meth:`get` hands back the same tensors."""
+
+    def __init__(self, max_mb: float = 256):
+        self.max_mb = max_mb
+        self.items: dict = {}
+        self.bytes = 0
+
+    def get(self, key):
+        return self.items.get(key)
+
+    def put(self, key, tensors) -> None:
+        """Keep ``tensors`` (a tuple / list / dict of tensors) under ``key``."""
+        values = tensors.values() if isinstance(tensors, dict) else tensors
+        size = sum(t.nelement() * t.element_size() for t in values)
+        if self.bytes + size > self.max_mb * 2**20:
+            self.clear()
+        self.items[key] = tensors
+        self.bytes += size
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+

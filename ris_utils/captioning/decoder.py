@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import TensorMemo
 from ..settings import N_RANGE, Beam, Captions
 
 #: open_clip ``generate``'s lengths (the authors'): at most 30 tokens, at least 5 before eot; written once in
@@ -247,9 +248,8 @@ class CocaDecoder:
         self.beam_memo: dict = {}
         self.beam_memo_max = 200_000
         # image tokens of already-encoded crops (the other mode / seed of an image), by the bytes of the crops
-        # and the autocast state: the outputs of the first pass (same batch), up to encode_memo_mb
-        self.encode_memo: dict = {}
-        self.encode_memo_bytes, self.encode_memo_mb = 0, 256
+        # and the autocast state: the outputs of the first pass (same batch), up to 256 MB
+        self.encode_memo = TensorMemo(256)
 
     # --- helpers
     def weights_fingerprint(self) -> str:
@@ -286,12 +286,7 @@ class CocaDecoder:
         if hit is not None:
             return hit
         latent, embs = self.model._encode_image(images)
-        size = latent.nelement() * latent.element_size() + embs.nelement() * embs.element_size()
-        if self.encode_memo_bytes + size > self.encode_memo_mb * 2**20:
-            self.encode_memo.clear()
-            self.encode_memo_bytes = 0
-        self.encode_memo[key] = (latent, embs)
-        self.encode_memo_bytes += size
+        self.encode_memo.put(key, (latent, embs))
         return latent, embs
 
     def _new_cache(self, blocks, rows: int, max_len: int) -> KVCache:
