@@ -447,7 +447,8 @@ class Ris:
     dropout: float | None = None    # [CRIS] alias -> model_args
     val_split: str = "val"
     val_max_refs: int | None = None
-    val_every: int | None = None    # also evaluate every this many steps (pick-vs-step curve)
+    val_every: int | None = None    # evaluate every this many steps (pick-vs-step curve); then the per-epoch
+                                    # val scores are kept for the last epoch only
     eval_batch_size: int = 64
     num_workers: int = 0
     cache: bool = True

@@ -360,13 +360,19 @@ def training_frames(jobs):
     return pd.DataFrame(hist), (pd.concat(steps) if steps else pd.DataFrame())
 
 
-def training_curves(hist, steps):
-    """Training loss per step and val mIoU per epoch, per training set and style (mean over seeds)."""
+def training_curves(hist, steps, curve=None):
+    """Training loss per step and val mIoU, per training set and style (mean over seeds): against the step
+    from ``curve`` (:func:`ris_utils.ris.experiments.curves`, runs with ``ris.val_every``) when given, else per
+    epoch from ``hist``."""
     sns = _sns()
     fig, axes = _plt().subplots(1, 2, figsize=(13, 4))
     sns.lineplot(data=steps, x="step", y="loss", hue="trainset", style="style", ax=axes[0], errorbar=None)
     axes[0].set_title("training loss (BCE, running mean over 20 steps, mean over seeds)")
-    if "val_mIoU" in hist:
+    if curve is not None and len(curve):
+        sns.lineplot(data=curve, x="step", y="mIoU", hue="trainset", style="style", marker="o", ax=axes[1],
+                     errorbar=None)
+        axes[1].set_title("val mIoU against step (first refs of the style's val split)")
+    elif "val_mIoU" in hist:
         sns.lineplot(data=hist, x="epoch", y="val_mIoU", hue="trainset", style="style", marker="o", ax=axes[1],
                      errorbar=None)
         axes[1].set_title("val mIoU after each epoch (first refs of the style's val split)")

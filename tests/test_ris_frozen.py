@@ -163,6 +163,50 @@ def test_train_steps_and_the_pick_vs_step_curve(tmp_path):
     assert res["history"][-1]["step"] == 5  # 5 optimizer steps, whatever the epochs setting
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [c["step"] for c in curve] == [2, 4, 5] and all(0 <= c["pick_acc"] <= 1 for c in curve)
+    # with the curve on, per-epoch val scores are the last epoch's only: the curve's evaluation at that step
+    res = train(_cfg(train_steps=7, val_every=2, epochs=1), toy, tmp_path / "run2", val_path=toy,
+                progress=False)
+    curve = json.loads((tmp_path / "run2" / "curve.json").read_text())
+    hist = res["history"]
+    assert len(hist) == 3 and not any("val_mIoU" in h for h in hist[:-1])  # 3 steps an epoch
+    assert hist[-1]["val_mIoU"] == curve[-1]["mIoU"] and hist[-1]["val_pick_acc"] == curve[-1]["pick_acc"]
+
+
+def test_a_disk_backed_store_shares_the_process_memory_in_the_model_layout(tmp_path):
+    m = _tiny("both", c5_stride=16)
+    m.channels_last = True
+    img = torch.randn(3, 3, 64, 64)
+    first = ImageFeatureStore(m, 64, folder=tmp_path / "f", channels_last=True)
+    feats = first.batch(["a", "b", "a"], img)
+    assert first.misses == 2 and all(f.is_contiguous(memory_format=torch.channels_last) for f in feats)
+    for f in first.folder.glob("*.pt"):  # the next run of this process reads memory, not the files
+        f.unlink()
+    second = ImageFeatureStore(m, 64, folder=tmp_path / "f", channels_last=True)
+    again = second.batch(["b", "a"], img * 0)
+    assert second.misses == 0 and second.hits == 2
+    assert all(torch.equal(x, y) for x, y in zip(again, (f[[1, 0]] for f in feats)))
+    # another layout is another copy (same values), and a store without a folder keeps its own
+    plain = ImageFeatureStore(m, 64, folder=tmp_path / "f")
+    assert plain.mem is not first.mem and ImageFeatureStore(m, 64).mem is not ImageFeatureStore(m, 64).mem
+    assert all(f.is_contiguous() for f in plain.batch(["a"], img))
+
+
+def test_cached_features_read_the_letterbox_from_the_image_header(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    toy = make_toy_refer(tmp_path / "toy", n_images=3, height=40, width=56)
+    tok = build_tokenizer(resolve_config(_cfg()))
+    decoded = RisEvalSet(open_refer(toy), "val", tok, 32, 8)
+    header = RisEvalSet(open_refer(toy), "val", tok, 32, 8)
+    header.with_images = False
+    assert header.geometry(0) == decoded.geometry(0) and not header._img_cache
+    path = header.refer.image_path(header.refs[0]["image_id"])
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(path)  # the file no longer matches instances.json
+    fresh = RisEvalSet(open_refer(toy), "val", tok, 32, 8)
+    fresh.with_images = False
+    with pytest.raises(ValueError, match="instances.json says 56x40"):
+        fresh.geometry(0)
 
 
 def test_pick_accuracy_by_the_attribute_an_expression_names():

@@ -288,6 +288,7 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
                                                      else None, "world_size": world, "steps_per_epoch": len(loader)},
                                                     indent=1, default=str))
     every = int(cfg.get("val_every") or 0)  # the pick-vs-step curve
+    scored = None  # (step, scores) of the curve's last evaluation: the same weights as the epoch's end
     for epoch in range(start_epoch, cfg["epochs"]):
         model.train()
         sampler.set_epoch(epoch)
@@ -308,10 +309,14 @@ def train(cfg: dict, train_path, out_dir, val_path=None, *, train_dataset: str |
             if master and val_set is not None and every and (step % every == 0 or step == total_steps):
                 sc = evaluate_model(raw, val_set, cfg, device, stores=stores)
                 curve.append({"step": step, "pick_acc": sc["pick_acc"], "mIoU": sc["mIoU"]})
+                scored = (step, sc)
         entry = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
                  "seconds": round(time.time() - t0, 2)}
-        if master and val_set is not None:
-            entry.update({f"val_{k}": v for k, v in evaluate_model(raw, val_set, cfg, device, stores=stores).items()})
+        # per-epoch val scores; with val_every the curve scores the run, and only the last epoch gets them (a small
+        # training set has an epoch every few steps: gt10 spent a quarter of its run in per-epoch val)
+        if master and val_set is not None and (not every or step >= total_steps or epoch + 1 == cfg["epochs"]):
+            sc = scored[1] if scored and scored[0] == step else evaluate_model(raw, val_set, cfg, device, stores=stores)
+            entry.update({f"val_{k}": v for k, v in sc.items()})
         history.append(entry)
         if master:
             atomic_save({"model": unwrap_state_dict(model), "optimizer": opt.state_dict(), "epoch": epoch + 1,
