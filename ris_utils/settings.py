@@ -458,7 +458,8 @@ class Ris:
     dice_weight: float = 0.0        # (ours) + dice loss; [CRIS] 0
     loss_target: str = "nearest"    # nearest ([CRIS]) | area
     feature_cache: str | None = None     # folder of the frozen image tower's features (None: memory only)
-    feature_cache_mb: float | None = None  # memory bound of the in-memory feature copy (None: unbounded)
+    feature_cache_mb: float | None = 8192.0  # memory bound of a process's in-memory feature copy (None:
+                                             # unbounded); the rest is read from feature_cache
     experiments: Experiments | None = _group(Experiments)
     eval_sets: list | None = _items(EvalSet)
 

@@ -97,8 +97,10 @@ def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: in
 
 
 def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
-    """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root)."""
-    mix_datasets(open_refer(pseudo_dir), refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
+    """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root);
+    ``pseudo_dir`` may be the loaded export (:class:`ris_utils.data.refer.ReferData`), read once for every style."""
+    pseudo = pseudo_dir if isinstance(pseudo_dir, refer.ReferData) else open_refer(pseudo_dir)
+    mix_datasets(pseudo, refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
                  dataset=style, split_by="mix", images="none")
     return Path(out_root)
 
@@ -201,13 +203,14 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                     path = runs / "data" / f"mix_{style}"
                     jobs.append(Job(ts, style, seed, str(path), style, "mix", str(out), ev, sval))
     # derived training sets (written once, before the workers start)
+    pseudo = None  # the pseudo_ris export, read once for every style's mix
     for job in jobs:
         sb = evals_by_style.get(job.style, {}).get("split_by", ex.get("split_by", "shapes"))
         if job.trainset == "gt10" and not (Path(job.train_path) / job.style).is_dir():
             prepare_gt10(data_root, job.style, sb, mix["fraction"], mix["seed"], job.train_path)
         if job.trainset == "gt10+pseudo" and not (Path(job.train_path) / job.style).is_dir():
-            prepare_mix(export_dir / "pseudo_ris", data_root, job.style, sb, mix["fraction"], mix["seed"],
-                        job.train_path)
+            pseudo = pseudo or open_refer(export_dir / "pseudo_ris")
+            prepare_mix(pseudo, data_root, job.style, sb, mix["fraction"], mix["seed"], job.train_path)
     return jobs
 
 
@@ -321,19 +324,28 @@ def _evaluate(job: Job, cfg: dict, out: Path, key: str, todo: list[tuple[dict, s
     return paths
 
 
+def _opened(cache: dict | None, path, dataset, split_by):
+    """``open_refer(path, dataset, split_by)`` read once per ``cache`` (the pseudo exports take seconds each);
+    None when it cannot be read (the run reports why)."""
+    cache = {} if cache is None else cache
+    k = (str(path), dataset, split_by)
+    if k not in cache:
+        try:
+            cache[k] = open_refer(path, dataset, split_by)
+        except (OSError, ValueError, KeyError):
+            cache[k] = None
+    return cache[k]
+
+
 def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     """Rough cost of a job in forward passes: training samples (train refs x epochs, a training step costing
-    ~3 forwards) + evaluated sentences. Used only to order the pool's queue (:func:`run_jobs`)."""
+    ~3 forwards) + evaluated sentences. Used only to order the pool's queue (:func:`run_jobs`). ``_refs``: a
+    cache of the opened REFER sets, shared with :func:`job_images`."""
     cache = {} if _refs is None else _refs
 
     def refs(path, dataset, split_by):
-        k = (str(path), dataset, split_by)
-        if k not in cache:
-            try:
-                cache[k] = open_refer(path, dataset, split_by).refs
-            except (OSError, ValueError, KeyError):
-                cache[k] = []
-        return cache[k]
+        data = _opened(cache, path, dataset, split_by)
+        return data.refs if data is not None else []
 
     n_train = len(select_split(refs(job.train_path, job.train_dataset, job.split_by), "train"))
     n_eval = sum(len(r["sentences"]) for ev in job.evals for sp in ev["splits"]
@@ -342,15 +354,17 @@ def job_cost(job: Job, cfg: dict, _refs: dict | None = None) -> float:
     return 3.0 * n_train * float(resolve_config(cfg)["epochs"]) + n_eval
 
 
-def job_images(jobs: list[Job], cfg: dict) -> list[str]:
+def job_images(jobs: list[Job], cfg: dict, _refs: dict | None = None) -> list[str]:
     """The images every job trains or is evaluated on, as image-feature keys (resolved path ``@`` input size),
-    sorted; an image linked into several sets is one key."""
+    sorted; an image linked into several sets is one key. ``_refs``: as :func:`job_cost`'s."""
     sets = {(str(j.train_path), j.train_dataset, j.split_by) for j in jobs}
     sets |= {(str(ev.get("data_root") or cfg["data_root"]), ev["dataset"], ev.get("split_by", "shapes"))
              for j in jobs for ev in j.evals}
     keys = set()
     for path, dataset, split_by in sorted(sets, key=str):
-        refer = open_refer(path, dataset, split_by)
+        refer = _opened(_refs, path, dataset, split_by)
+        if refer is None:
+            refer = open_refer(path, dataset, split_by)  # raises the reason
         for image_id in sorted({r["image_id"] for r in refer.refs}):
             try:
                 keys.add(image_key(refer.image_path(image_id), cfg["input_size"]))
@@ -369,8 +383,8 @@ def encode_images(keys: list[str], cfg: dict) -> int:
         torch.set_num_threads(int(cfg["threads"]))
     tcfg = resolve_config(_train_settings(cfg, cfg["seed"]))
     seed_everything(int(tcfg["seed"]))  # a random-init tower (tests): the weights of that seed's runs
-    # memory bound 0: the store keeps only the image at hand (the rest is on disk for the runs)
-    store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)), {**tcfg, "feature_cache_mb": 0})[0]
+    # the features stay in this worker's memory too (up to feature_cache_mb): its runs will not read them again
+    store = feature_stores(make_model(tcfg, build_tokenizer(tcfg)).eval(), tcfg)[0]
     if store is None or store.folder is None:
         return 0
     todo = [k for k in keys if not store.on_disk(k)]
@@ -398,7 +412,7 @@ def run_jobs(jobs: list[Job], cfg: dict, workers: int = 1, progress: bool = True
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         if cfg.get("freeze") in ("visual", "both"):  # frozen image tower: encode each image once, split over the
             cfg = _feature_cache(cfg)               # workers, before the runs (else the first two encode all)
-            keys = job_images(jobs, cfg)
+            keys = job_images(jobs, cfg, cache)
             for f in [pool.submit(encode_images, keys[w::workers], cfg) for w in range(workers)]:
                 f.result()
         futs = {i: pool.submit(run_job, asdict(jobs[i]), cfg) for i in order}
