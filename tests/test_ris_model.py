@@ -46,6 +46,26 @@ def test_forward_backward_shapes(tiny):
         assert g is not None and g.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("k,channels_last", [(3, False), (3, True), (1, False), (5, True)])
+def test_dynamic_conv_is_the_grouped_convolution_of_cris(k, channels_last):
+    from ris_utils.ris.model import dynamic_conv
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(4, 6, 7, 9, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weight, bias = torch.randn(4, 6 * k * k, generator=g), torch.randn(4, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    ref = torch.nn.functional.conv2d(leaves[0].reshape(1, 24, 7, 9), leaves[1].reshape(4, 6, k, k), leaves[2],
+                                     padding=k // 2, groups=4).transpose(0, 1)  # CRIS's form
+    got_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    got = dynamic_conv(*got_leaves, k)
+    assert got.shape == ref.shape == (4, 1, 7, 9) and torch.allclose(got, ref, atol=1e-5)
+    (ref * torch.arange(63.0).reshape(7, 9)).sum().backward()
+    (got * torch.arange(63.0).reshape(7, 9)).sum().backward()
+    for a, b in zip(leaves, got_leaves):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4)
+
+
 def test_words_change_the_prediction(tiny):
     tiny.eval()
     img = torch.randn(1, 3, 64, 64)
@@ -67,6 +87,32 @@ def test_padding_tokens_are_ignored(tiny):
         t2[0, 5:] = 0
         assert torch.allclose(base, tiny(img, t2))
     tiny.train()
+
+
+@pytest.mark.parametrize("hw", [(40, 56), (90, 30), (64, 64)])
+def test_a_batch_warped_back_holds_each_map_warped_alone(hw):
+    from ris_utils.ris.dataset import unletterbox_batch
+
+    lb = letterbox_params(*hw, 64)
+    probs = torch.rand(5, 16, 16, generator=torch.Generator().manual_seed(1))
+    together = unletterbox_batch(probs, lb)
+    assert together.shape == (5, *hw)
+    for p, t in zip(probs, together):
+        assert torch.equal(unletterbox(p, lb), t)  # bit for bit: the scores do not depend on the batching
+
+
+def test_object_pixels_index_the_object_masks(tmp_path):
+    from ris_utils.ris.dataset import RisEvalSet, open_refer
+    from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
+    from ris_utils.ris.train import build_tokenizer
+
+    toy = make_toy_refer(tmp_path / "toy", n_images=2, height=40, width=56)
+    data = RisEvalSet(open_refer(toy), "val", build_tokenizer({"tokenizer": toy_tokenizer_spec(), "word_len": 8}), 32, 8)
+    full = np.random.default_rng(0).random((40, 56), dtype=np.float32)
+    objs, pix = data.image_objects(0), data.object_pixels(0)
+    assert len(objs) >= 2 and [a for a, _ in objs] == [a for a, _ in pix]
+    for (_, m), (_, idx) in zip(objs, pix):
+        assert full[m].mean() == full.ravel()[idx].mean()  # the same values in the same order
 
 
 @pytest.mark.parametrize("hw", [(40, 56), (90, 30), (64, 64)])

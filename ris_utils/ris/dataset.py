@@ -81,12 +81,18 @@ def letterbox_mask(mask: np.ndarray, lb: Letterbox) -> np.ndarray:
 def unletterbox(prob: torch.Tensor, lb: Letterbox) -> torch.Tensor:
     """Warp a prediction back to the original image: (h, w) map over the SxS input (any h = w, e.g. S/4)
     -> resized to SxS (bilinear), padding cropped, resized to the original HxW (bilinear). Returns (H, W)."""
-    p = prob.float()[None, None]
+    return unletterbox_batch(prob[None], lb)[0]
+
+
+def unletterbox_batch(probs: torch.Tensor, lb: Letterbox) -> torch.Tensor:
+    """:func:`unletterbox` of N maps of images with one geometry: (N, h, w) -> (N, H, W), each map the same
+    numbers as alone (bilinear resizing treats every map on its own), in two resize calls instead of 2N."""
+    p = probs.float()[:, None]
     if p.shape[-1] != lb.size or p.shape[-2] != lb.size:
         p = torch.nn.functional.interpolate(p, size=(lb.size, lb.size), mode="bilinear", align_corners=False)
     p = p[..., lb.top:lb.top + lb.new_h, lb.left:lb.left + lb.new_w]
     p = torch.nn.functional.interpolate(p, size=(lb.height, lb.width), mode="bilinear", align_corners=False)
-    return p[0, 0]
+    return p[:, 0]
 
 
 def resolve_refer(path: str | os.PathLike, dataset: str | None = None, split_by: str | None = None
@@ -260,6 +266,7 @@ class RisEvalSet(_ReferBase):
         self.pairs = [(i, j) for i, t in enumerate(self.tokens) for j in range(len(t))]
         self._anns_by_image: dict[int, list[dict]] | None = None  # built on the first image_objects call
         self._objects: dict[int, list] = {}
+        self._pixels: dict[int, list] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -274,6 +281,16 @@ class RisEvalSet(_ReferBase):
 
     def gt_mask(self, i: int) -> np.ndarray:
         return self.refer.get_mask(self.refs[i])
+
+    def object_pixels(self, i: int) -> list[tuple[int, np.ndarray]]:
+        """``[(ann_id, flat pixel indices)]`` of :meth:`image_objects` (C order: ``m.ravel()[idx]`` holds the
+        values of ``m[mask]`` in the same order), memoised as they are."""
+        image_id = self.refs[i]["image_id"]
+        if image_id not in self._pixels:
+            if len(self._pixels) >= 8:
+                self._pixels.pop(next(iter(self._pixels)))
+            self._pixels[image_id] = [(a, np.flatnonzero(m)) for a, m in self.image_objects(i)]
+        return self._pixels[image_id]
 
     def image_objects(self, i: int) -> list[tuple[int, np.ndarray]]:
         """``[(ann_id, HxW bool mask)]`` of every annotated object in the image of ref ``i`` (the referred

@@ -26,7 +26,7 @@ from ris_utils.metrics import RisEvaluator
 from ris_utils.models import resolve_device
 from ris_utils.ris.build import build_tokenizer, defaults, make_model
 from ris_utils.ris.checkpoint import load_model_state, load_ris_checkpoint
-from ris_utils.ris.dataset import RisEvalSet, collate, open_refer, unletterbox
+from ris_utils.ris.dataset import RisEvalSet, collate, open_refer, unletterbox_batch
 from ris_utils.ris.diagnostics import pick_by_attribute
 from ris_utils.ris.features import feature_stores
 
@@ -62,6 +62,19 @@ def _forward_shared_images(model: nn.Module, batch: dict, data: RisEvalSet, devi
     return model(None, tokens, feats=feats, text=text, image_index=inverse)
 
 
+def _at_original_size(prob: torch.Tensor, refs: list[int], data: RisEvalSet) -> list[torch.Tensor]:
+    """(B, h, w) probabilities of a batch -> B (H, W) maps at their images' original sizes (:func:`unletterbox`;
+    the sentences of images with one geometry, all of them on the shapes world, in one call)."""
+    groups: dict = {}
+    for n, i in enumerate(refs):
+        groups.setdefault(data.geometry(i), []).append(n)
+    out: list = [None] * len(refs)
+    for lb, rows in groups.items():
+        for n, full in zip(rows, unletterbox_batch(prob[rows], lb)):
+            out[n] = full
+    return out
+
+
 def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, convention: str | None = None,
                    keep_predictions: int = 0, stores=None) -> dict:
     """mIoU / oIoU / Pr@X of ``model`` on every (ref, sentence) of ``data``, scored at the ORIGINAL image
@@ -86,16 +99,16 @@ def evaluate_model(model: nn.Module, data: RisEvalSet, cfg: dict, device, conven
     data.with_images = not (stores and stores[0] is not None)  # cached image features: no image per sentence
     for batch in loader:
         prob = torch.sigmoid(_forward_shared_images(model, batch, data, device, stores))[:, 0].float().cpu()
-        for p, i, j in zip(prob, batch["ref_index"].tolist(), batch["sent_index"].tolist()):
-            full = unletterbox(p, data.geometry(i))  # (H, W) probabilities at the original size
+        refs, sents = batch["ref_index"].tolist(), batch["sent_index"].tolist()
+        for full, i, j in zip(_at_original_size(prob, refs, data), refs, sents):  # (H, W) probabilities
             gt = data.gt_mask(i)
             pred = (full > thr).numpy()
             iou = ev.update(full.numpy() if convention == "cris" else pred, gt)
             ious.append(float(iou[0]))
-            objs = data.image_objects(i)
+            objs = data.object_pixels(i)
             if len(objs) >= 2:
-                fnp = full.numpy()
-                best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].any() else -1.0)[0]
+                fnp = full.numpy().ravel()
+                best = max(objs, key=lambda o: float(fnp[o[1]].mean()) if o[1].size else -1.0)[0]
                 picks.append(best == data.refs[i]["ann_id"])
                 chance.append(1.0 / len(objs))
                 sent = data.refs[i]["sentences"][j]

@@ -219,18 +219,37 @@ class Projector(nn.Module):
         with torch.no_grad():
             self.txt.bias[-1] = math.log(p / (1 - p))
 
-    def forward(self, x, state, skip: torch.Tensor | None = None):
+    def forward(self, x, state, skip: torch.Tensor | None = None, index: torch.Tensor | None = None):
+        """``skip``: C3, one row per sample, or per image with ``index`` (B,) naming each sample's row (evaluation:
+        the skip conv then runs once per image, not once per sentence)."""
         if self.skip is not None:
             x = self.vis[:-1](x)
-            x = self.vis[-1](x + self.skip(skip))
+            s = self.skip(skip)
+            x = self.vis[-1](x + (s if index is None else s[index]))
         else:
             x = self.vis(x)  # (B, C, H, W)
-        b, c, h, w = x.shape
         params = self.txt(state)  # (B, C*k*k + 1)
-        weight = params[:, :-1].reshape(b, c, self.kernel_size, self.kernel_size)
-        bias = params[:, -1]
-        out = F.conv2d(x.reshape(1, b * c, h, w), weight, bias=bias, padding=self.kernel_size // 2, groups=b)
-        return out.transpose(0, 1)  # (B, 1, H, W)
+        return dynamic_conv(x, params[:, :-1], params[:, -1], self.kernel_size)
+
+
+def dynamic_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    """CRIS's text-to-pixel contrast: sample b's map convolved with its own k x k kernel (zero padding k // 2),
+
+        out[b, y, x] = bias[b] + sum_{c, i, j} W[b, c, i, j] * x[b, c, y + i - k//2, x + j - k//2],
+
+    for ``x`` (B, C, H, W), ``weight`` (B, C*k*k) (as ``reshape(B, C, k, k)``), ``bias`` (B,) -> (B, 1, H, W).
+    CRIS runs it as one convolution with ``groups=B``; here the channels are contracted first, per tap, by one
+    batched matmul (B, HW, C) x (B, C, k*k), and the k*k tap maps are shifted and summed: the same sum in
+    another order, ~3x faster forward + backward than the grouped convolution on a CPU (tiny shapes head)."""
+    b, c, h, w = x.shape
+    pad = k // 2
+    taps = torch.bmm(x.permute(0, 2, 3, 1).reshape(b, h * w, c), weight.reshape(b, c, k * k))  # (B, HW, k*k)
+    taps = F.pad(taps.reshape(b, h, w, k * k), (0, 0, pad, pad, pad, pad))  # zero input padding = zero taps
+    out = bias[:, None, None].expand(b, h, w)
+    for i in range(k):
+        for j in range(k):
+            out = out + taps[:, i:i + h, j:j + w, i * k + j]
+    return out[:, None]
 
 
 class RelativeLocation(nn.Module):
@@ -411,10 +430,7 @@ class CRIS(nn.Module):
                 fq = fq + self.prior_feature(F.interpolate(prior, size=fq.shape[-2:], mode="bilinear",
                                                            align_corners=False))
         fq = self.decoder(fq, words, pad_mask)
-        skip = None
-        if self.proj.skip is not None:
-            skip = feats[0] if image_index is None else feats[0][image_index]
-        logits = self.proj(fq, state, skip)  # (B, 1, S/4, S/4)
+        logits = self.proj(fq, state, feats[0] if self.proj.skip is not None else None, image_index)  # (B, 1, S/4, S/4)
         if prior is not None:
             logits = logits + F.interpolate(prior, size=logits.shape[-2:], mode="bilinear", align_corners=False)
         if self.location is not None:
