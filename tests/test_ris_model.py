@@ -115,6 +115,27 @@ def test_object_pixels_index_the_object_masks(tmp_path):
         assert full[m].mean() == full.ravel()[idx].mean()  # the same values in the same order
 
 
+def test_a_refer_set_is_read_and_tokenized_once_while_its_files_are_unchanged(tmp_path):
+    from ris_utils.data import refer
+    from ris_utils.ris.dataset import RisEvalSet, open_refer
+    from ris_utils.ris.toy import make_toy_refer, toy_tokenizer_spec
+    from ris_utils.ris.train import build_tokenizer
+
+    toy = make_toy_refer(tmp_path / "toy", n_images=3, height=40, width=56)
+    tok = build_tokenizer({"tokenizer": toy_tokenizer_spec(), "word_len": 8})
+    a = open_refer(toy)
+    assert open_refer(toy) is a
+    e1, e2 = RisEvalSet(a, "val", tok, 32, 8), RisEvalSet(a, "val", tok, 32, 8)
+    assert e1.tokens is e2.tokens and RisEvalSet(a, "val", tok, 32, 6).tokens[0].shape[-1] == 6
+    # a rewritten file is read again
+    refs = [dict(r, sentences=[dict(s, sent="a red box") for s in r["sentences"]]) for r in a.refs]
+    refer.write_refer(toy, a.dataset, a.split_by, refs, list(a.imgs.values()), list(a.anns.values()),
+                      [{"id": i, "name": n} for i, n in a.cats.items()])
+    b = open_refer(toy)
+    assert b is not a and b.refs[0]["sentences"][0]["sent"] == "a red box"
+    assert RisEvalSet(b, "val", tok, 32, 8).tokens is not e1.tokens  # tokenized from the new sentences
+
+
 @pytest.mark.parametrize("hw", [(40, 56), (90, 30), (64, 64)])
 def test_letterbox_round_trip_non_square(hw):
     h, w = hw

@@ -14,8 +14,10 @@ sentence of every ref.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,14 @@ import torch
 from PIL import Image
 
 from ris_utils.crops import DEFAULT_MEAN, DEFAULT_STD
-from ris_utils.data.refer import ReferData, decode_segmentation, load_refer, select_split
+from ris_utils.data.refer import (
+    ReferData,
+    decode_segmentation,
+    instances_path,
+    load_refer,
+    refs_path,
+    select_split,
+)
 from ris_utils.images import load_image_rgb
 
 logger = logging.getLogger(__name__)
@@ -164,8 +173,7 @@ class _ReferBase(torch.utils.data.Dataset):
             raise ValueError(f"{refer.data_root}/{refer.dataset}: split {split!r} has no refs with sentences")
         self.input_size, self.word_len, self.cache = int(input_size), int(word_len), bool(cache)
         self.fallback = tuple(image_fallback_roots)
-        self.tokens = [tokenizer([s["sent"] or s["raw"] for s in r["sentences"]], context_length=self.word_len)
-                       for r in self.refs]  # per ref (n_sent, L)
+        self.tokens = _tokens(refer, split, self.refs, tokenizer, self.word_len)  # per ref (n_sent, L)
         # False: items leave out "img" -- a frozen image tower's cached features replace it, and a cache miss
         # asks :meth:`image_tensor` (normalising every image of every batch was ~15 % of a frozen-tower step)
         self.with_images = True
@@ -311,9 +319,45 @@ class RisEvalSet(_ReferBase):
         return self._objects[image_id]
 
 
+#: the REFER sets this process opened, by their files' identity (most recently used last; see open_refer)
+_OPENED: OrderedDict[tuple, ReferData] = OrderedDict()
+_OPENED_MAX = 8
+
+
 def open_refer(path, dataset=None, split_by=None) -> ReferData:
+    """The REFER set of a folder (:func:`resolve_refer`), read once per process while its files are unchanged
+    (path, inode, size, mtime of refs and instances): the runs of a grid that a worker trains one after the other
+    share what they read (a pseudo export: ~1 s to read, ~1.5 s to tokenize), and a job's splits share their
+    dataset. The result is shared: callers read it and never change it."""
     root, ds, sb = resolve_refer(path, dataset, split_by)
-    return load_refer(root, ds, sb)
+    files = (refs_path(root, ds, sb), instances_path(root, ds))
+    try:
+        key = (str(Path(root).resolve()), ds, sb,
+               tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in (f.stat() for f in files)))
+    except OSError:  # load_refer names the missing file
+        return load_refer(root, ds, sb)
+    if key in _OPENED:
+        _OPENED.move_to_end(key)
+        return _OPENED[key]
+    data = load_refer(root, ds, sb)
+    _OPENED[key] = data
+    while len(_OPENED) > _OPENED_MAX:
+        _OPENED.popitem(last=False)
+    return data
+
+
+def _tokens(refer: ReferData, split: str, refs: list[dict], tokenizer, word_len: int) -> list[torch.Tensor]:
+    """Per ref, its sentences' tokens (n_sent, L); kept on the (shared, see :func:`open_refer`) ReferData for a
+    tokenizer that describes itself (``to_dict``), so the next dataset of that split does not tokenize again."""
+    spec = tokenizer.to_dict() if hasattr(tokenizer, "to_dict") else None
+    key = None if spec is None else (split, int(word_len), json.dumps(spec, sort_keys=True))
+    memo = refer.__dict__.setdefault("_ris_tokens", {})
+    if key is None or key not in memo:
+        toks = [tokenizer([s["sent"] or s["raw"] for s in r["sentences"]], context_length=word_len) for r in refs]
+        if key is None:
+            return toks
+        memo[key] = toks
+    return memo[key]
 
 
 def collate(batch: list[dict]) -> dict:
