@@ -14,6 +14,10 @@ Each round times, for every variant in turn (interleaved, so a busy machine slow
 training step (forward, loss, backward, AdamW) on ``--batch`` sentences and one evaluation forward of 64
 sentences over 8 images (the neck's image part once per image). Prints the median milliseconds and the ratio
 to the first variant. One torch thread, as the grid's workers run.
+
+A second table times the text-to-pixel contrast alone (forward + backward on the projector's map of a
+training batch): CRIS's form, one convolution with ``groups=B``, against :func:`ris_utils.ris.model.dynamic_conv`
+(the model's; channels contracted per tap by one batched matmul, the tap maps shifted and summed).
 """
 
 from __future__ import annotations
@@ -89,7 +93,39 @@ def main(argv=None) -> int:
     for name, (tr, ev) in times.items():
         mt, me = statistics.median(tr), statistics.median(ev)
         print(f"{name:28s} {1000 * mt:14.1f} {mt / base[0]:6.2f} {1000 * me:11.1f} {me / base[1]:6.2f}")
+    _contrast_table(cfg, b, args.rounds)
     return 0
+
+
+def _contrast_table(cfg: dict, b: int, rounds: int) -> None:
+    """Forward + backward of the text-to-pixel contrast on the projector's (B, C, S/8, S/8) map."""
+    import torch.nn.functional as F
+
+    from ris_utils.ris.model import dynamic_conv
+
+    c, hw, k = int(cfg["model_args"]["fpn_out"][1]) // 2, int(cfg["input_size"]) // 8, 3
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(b, c, hw, hw, generator=g).contiguous(memory_format=torch.channels_last)
+    p0 = torch.randn(b, c * k * k + 1, generator=g)
+
+    def grouped(x, p):
+        w = p[:, :-1].reshape(b, c, k, k)
+        return F.conv2d(x.reshape(1, b * c, hw, hw), w, p[:, -1], padding=k // 2, groups=b).transpose(0, 1)
+
+    fns = {"grouped conv (CRIS form)": grouped, "dynamic_conv (per-tap matmul)": lambda x, p: dynamic_conv(
+        x, p[:, :-1], p[:, -1], k)}
+    times = {name: [] for name in fns}
+    for r in range(rounds * 5 + 1):
+        for name, fn in fns.items():
+            x, p = x0.clone().requires_grad_(), p0.clone().requires_grad_()
+            t0 = time.perf_counter()
+            fn(x, p).square().sum().backward()
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times[next(iter(times))])
+    print(f"\n{'contrast (fwd + bwd)':32s} {'ms':>8s} {'ratio':>6s}")
+    for name, t in times.items():
+        print(f"{name:32s} {1000 * statistics.median(t):8.2f} {statistics.median(t) / base:6.2f}")
 
 
 if __name__ == "__main__":
