@@ -83,6 +83,11 @@ def beam_search(
     """
     _check_beam_args(num_beams, num_beam_groups, seq_len, min_seq_len, diversity_penalty, hypotheses)
     decoder.check_length(seq_len)
+    if diversity_penalty == 0 and hypotheses == "per_group" and getattr(decoder, "shares_rows", False):
+        # the groups are the same search (same start, no penalty, their own hypotheses and done flags) and a
+        # row's logits do not depend on the batch: one group gives the same beams (the best's ties included:
+        # the groups' equal copies sort together and the last copy of the last best wins either way)
+        num_beams, num_beam_groups = num_beams // num_beam_groups, 1
     search = _GroupBeamSearch(decoder, ids, image_embs, num_beams, num_beam_groups, seq_len, min_seq_len,
                               diversity_penalty, length_penalty, shared=hypotheses == "shared")
     while not search.step():

@@ -293,6 +293,8 @@ class CocaDecoder:
         self.encode_memo = TensorMemo(256)
         self._rows_probe: bool | None = None  # :meth:`_rows_independent`, probed on first use
         self._query_classes: dict = {}  # :meth:`query_classes` by shape
+        self._class_ids: dict = {}  # n_keys -> {probe output bytes: class id}
+        self._compact: dict = {}  # :meth:`compact_queries`
 
     # --- helpers
     def weights_fingerprint(self) -> str:
@@ -344,12 +346,13 @@ class CocaDecoder:
         return self._rows_probe
 
     def query_classes(self, n_queries: int, n_keys: int) -> torch.Tensor:
-        """Long (n_queries,): which cross-attention query positions of a crop compute alike (probed once per
-        shape). The attention kernel runs a crop's queries in blocks and may round by block size (PyTorch's CPU
-        flash attention: blocks of 32 queries, smaller at the end; a block of at most 3 goes through MKL's
-        small-matrix path, and for some head sizes other block sizes differ too), so equal queries at two positions
-        give equal outputs only within a class. Probe: two random queries, each at every position of a crop (laid
-        out as :meth:`decoder_rows` lays them out) over random keys; positions whose outputs match share a class."""
+        """Long (n_queries,): which cross-attention query positions compute alike, within this layout of
+        ``n_queries`` queries per crop and across layouts (probed once per shape). The attention kernel runs a
+        crop's queries in blocks and may round by block size (PyTorch's CPU flash attention: blocks of 32 queries,
+        smaller at the end; a block of at most 3 goes through MKL's small-matrix path, and for some head sizes other
+        block sizes differ too), so equal queries at two positions give equal outputs only within a class. Probe:
+        two random queries, each at every position of a crop (laid out as :meth:`decoder_rows` lays them out) over
+        random keys, the same for every layout; positions whose outputs match share a class (ids < 1024)."""
         hit = self._query_classes.get((n_queries, n_keys))
         if hit is None:
             g = torch.Generator().manual_seed(0)
@@ -359,10 +362,23 @@ class CocaDecoder:
             k, v = (torch.randn(2, h, n_keys, w // h, generator=g) for _ in range(2))
             q, k, v = (t.to(self.device, self.dtype) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q.view(2, n_queries, h, w // h).transpose(1, 2), k, v)
-            rows = out.permute(2, 0, 1, 3).reshape(n_queries, -1).cpu()
-            hit = torch.unique(rows, dim=0, return_inverse=True)[1].to(self.device)
+            rows = out.permute(2, 0, 1, 3).reshape(n_queries, -1).cpu().contiguous()
+            ids = self._class_ids.setdefault(n_keys, {})
+            hit = torch.tensor([ids.setdefault(r.numpy().tobytes(), len(ids)) for r in rows], device=self.device)
+            if len(ids) >= 1024:
+                raise RuntimeError("query_classes: more than 1024 numeric classes of attention queries")
             self._query_classes[(n_queries, n_keys)] = hit
         return hit
+
+    def compact_queries(self, n_used: int, cls: int, n_keys: int) -> int | None:
+        """The smallest layout of at least ``n_used`` queries per crop whose first ``n_used`` positions are all of
+        :meth:`query_classes` class ``cls`` (None if none up to ``n_used + 64``): the queries of class ``cls`` may be
+        laid out there instead of the full batch's layout, and compute the same numbers."""
+        key = (n_used, cls, n_keys)
+        if key not in self._compact:
+            self._compact[key] = next((n for n in range(n_used, n_used + 65)
+                                       if bool((self.query_classes(n, n_keys)[:n_used] == cls).all())), None)
+        return self._compact[key]
 
     def check_length(self, seq_len: int) -> None:
         if seq_len > self.max_len:

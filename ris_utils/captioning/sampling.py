@@ -247,12 +247,14 @@ class _NodeSampler(_Sampler):
         query = self.row_s * n_ + self.row_i if self.contrast else self.row_s
         # rows share a node only within a class of query positions (:meth:`CocaDecoder.query_classes`), and not at
         # all when the full batch is below MIN_ROWS rows (its matrix products ran the small-matrix path)
-        self.cls = self.decoder.query_classes(self.n_queries, self.cross.keys[0].shape[2])[query] \
-            if self.rows >= MIN_ROWS else self.n_queries + r
+        self.n_keys = self.cross.keys[0].shape[2]
+        self.cls = self.decoder.query_classes(self.n_queries, self.n_keys)[query] if self.rows >= MIN_ROWS \
+            else 1024 + r
         # the first decoder layer once per node (contrast, and enough rows for the MIN_ROWS rule to hold)
         self.share = self.contrast and self.rows >= MIN_ROWS
         group = self.row_v if self.contrast else self.row_v * n_ + self.row_i
-        self.live, self.node = r, group
+        self.n_groups = v_ if self.contrast else v_ * n_
+        self.live, self.node, self.node_group = r, group, torch.arange(self.n_groups, device=self.dev)
         parents, tokens = self._nodes(r, torch.full_like(r, self.ids.sot))
         self.node_tok = tokens
         u = len(parents)
@@ -266,7 +268,7 @@ class _NodeSampler(_Sampler):
         returns each node's parent (its rows' node so far) and last token, topped up to ``MIN_ROWS`` nodes with
         copies of the first (read by no row) when the full batch has that many rows."""
         live, parent = self.live[keep], self.node[keep]
-        key = (parent * (self.ids.vocab_size + 1) + tokens) * (self.n_queries + self.rows) + self.cls[live]
+        key = (parent * (self.ids.vocab_size + 1) + tokens) * (1024 + self.rows) + self.cls[live]
         uniq, inverse = torch.unique(key, return_inverse=True)
         member = torch.zeros(len(uniq), dtype=torch.long, device=self.dev)
         member[inverse] = torch.arange(len(keep), device=self.dev)
@@ -274,7 +276,7 @@ class _NodeSampler(_Sampler):
         if len(parents) < MIN_ROWS <= self.rows:
             extra = MIN_ROWS - len(parents)
             parents, toks = torch.cat([parents, parents[:1].expand(extra)]), torch.cat([toks, toks[:1].expand(extra)])
-        self.live, self.node = live, inverse
+        self.live, self.node, self.node_group = live, inverse, self.node_group[parents]
         return parents, toks
 
     def _select(self) -> None:
@@ -296,10 +298,36 @@ class _NodeSampler(_Sampler):
             d = u * n_
             self.expand = torch.arange(u, device=self.dev).repeat_interleave(n_)
             self.own = self.node * n_ + i  # the decoder row of each live row under its own crop
-        pick = torch.zeros(d, dtype=torch.long, device=self.dev)
-        pick[source] = index
-        self.layout = RowLayout(v_ * n_, self.n_queries, index, source, pick,
-                                self.expand if self.contrast and self.share else None)
+        share = self.expand if self.contrast and self.share else None
+        self.full_index, self.full_source = index, source  # where the decoder rows sit in the full batch
+        self.layout = self._compact_layout(share)
+        if self.layout is None:  # the full batch's layout
+            pick = torch.zeros(d, dtype=torch.long, device=self.dev)
+            pick[source] = index
+            self.layout = RowLayout(v_ * n_, self.n_queries, index, source, pick, share)
+
+    def _compact_layout(self, share: torch.Tensor | None) -> RowLayout | None:
+        """The cross-attention laid out over the nodes only: crop c's queries are the nodes read under it (slots
+        0, 1, ... of its group), in a layout whose used positions compute as the full batch's
+        (:meth:`CocaDecoder.compact_queries`); None when the live rows' positions are not all of one class."""
+        cls = self.cls[self.live]
+        if self.rows < MIN_ROWS or not bool((cls == cls[0]).all()):
+            return None
+        group, n_ = self.node_group, self.dims[2]
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=self.n_groups)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(group)
+        slot[order] = torch.arange(len(group), device=self.dev) - starts[group[order]]
+        q = self.decoder.compact_queries(int(counts.max()), int(cls[0]), self.n_keys)
+        if q is None:
+            return None
+        if self.contrast:  # decoder row (node, j) under crop (view, j)
+            j = torch.arange(n_, device=self.dev)
+            index = ((group[:, None] * n_ + j) * q + slot[:, None]).reshape(-1)
+        else:  # node under its crop
+            index = group * q + slot
+        return RowLayout(self.dims[0] * n_, q, index, torch.arange(len(index), device=self.dev), index, share)
 
     def _regroup(self, done: torch.Tensor, tokens: torch.Tensor) -> None:
         """After a step: keep the live rows not ``done`` (at least ``min(MIN_ROWS, live)``, topped up with finished
@@ -355,7 +383,7 @@ class _NodeSampler(_Sampler):
             return decoder.project(h).index_select(0, self.node), None
         x = e if self.share else e.index_select(0, self.expand)
         h = decoder.decoder_rows(x, pos, self.dcache, self.cross, self.layout)  # (U*N, W): (node, crop j)
-        self.hidden[self.layout.index] = h.index_select(0, self.layout.source)
+        self.hidden[self.full_index] = h.index_select(0, self.full_source)
         full = self.hidden.view(v_, n_, s_, n_, w_).permute(0, 2, 3, 1, 4)  # (V, S, Ni, Nj, W)
         mix = torch.einsum("vsijw,vij->vsiw", full, self.weights)  # (1/(N-1)) sum_{j!=i} s_ij h_j
         mix = mix.reshape(self.rows, w_).index_select(0, self.live)
