@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ris_utils.captioning import CocaDecoder, TokenIds, beam_search, parse_settings, row_key, sample_captions
+from ris_utils.captioning import (
+    CocaDecoder,
+    TokenIds,
+    beam,
+    beam_search,
+    parse_settings,
+    row_key,
+    sample_captions,
+    sampling,
+)
 from ris_utils.captioning.decoder import MIN_ROWS
 from ris_utils.captioning.tiny import random_coca
 
@@ -37,6 +46,17 @@ class _EveryRow(CocaDecoder):
 def coca():
     model, _ = random_coca("coca_test_nodes", seed=3, vocab_size=VOCAB, width=32, layers=2, heads=4)
     with torch.no_grad():  # captions of every length: end-of-text likely from the second word on
+        model.text_decoder.text_projection[:, IDS.eot] += 0.4
+    return model
+
+
+@pytest.fixture(scope="module")
+def coca64():
+    """Head size 32 over 15 image tokens (the shapes captioner's): a block of 2 or 3 queries rounds differently
+    from a block of 4 or more in the CPU flash attention (with coca's head size 8 over 8 tokens it does not)."""
+    model, _ = random_coca("coca_test_nodes_64", seed=4, vocab_size=VOCAB, width=64, layers=2, heads=2,
+                           n_queries=16)
+    with torch.no_grad():
         model.text_decoder.text_projection[:, IDS.eot] += 0.4
     return model
 
@@ -104,3 +124,53 @@ def test_node_beam_search_gives_the_beams_of_every_row_every_step(coca, b, nb, n
     _, embs = _embeddings(nodes, 1, b, seed=b)
     kw = dict(num_beams=nb, num_beam_groups=ng, seq_len=8, min_seq_len=2)
     assert beam_search(nodes, IDS, embs[0], **kw) == beam_search(every, IDS, embs[0], **kw)
+
+
+def _recording(monkeypatch, cls, name, log):
+    real = getattr(cls, name)
+
+    def rec(self, *a, **k):
+        out = real(self, *a, **k)
+        log.append((getattr(self, "live", None), out))
+        return out
+
+    monkeypatch.setattr(cls, name, rec)
+
+
+@pytest.mark.parametrize("which", ["coca", "coca64"])
+@pytest.mark.parametrize("distinctive", [False, True])
+@pytest.mark.parametrize("n", [5, 13])
+def test_node_sampling_logits_are_the_full_batch_logits(request, monkeypatch, which, distinctive, n):
+    """Stronger than equal tokens: every step's logits (and contrast mixtures) of every live row, bit for bit
+    (13 masks x 10 settings: the full batch's layout for the cross-attention, 5: the nodes' own)."""
+    model = request.getfixturevalue(which)
+    every, nodes = _EveryRow(model), CocaDecoder(model)
+    lat, embs = _embeddings(nodes, 2, n, seed=7)
+    keys = np.arange(2 * 10 * n, dtype=np.uint64).reshape(2, 10, n)
+    full, node = [], []
+    _recording(monkeypatch, sampling._Sampler, "logits", full)
+    _recording(monkeypatch, sampling._NodeSampler, "node_logits", node)
+    kw = dict(distinctive=distinctive, seq_len=8, min_seq_len=2)
+    sample_captions(every, IDS, embs, lat, SETTINGS, keys, **kw)
+    sample_captions(nodes, IDS, embs, lat, SETTINGS, keys, **kw)
+    assert len(full) == len(node) > 2
+    for (_, (z, c)), (live, (zn, cn)) in zip(full, node):
+        assert torch.equal(zn, z[live])
+        assert (c is None and cn is None) or torch.equal(cn, c[live])
+
+
+@pytest.mark.parametrize("which", ["coca", "coca64"])
+def test_node_beam_logits_are_the_full_batch_logits(request, monkeypatch, which):
+    """One group instead of 3 identical ones, nodes instead of rows: the first group's logits, bit for bit."""
+    model = request.getfixturevalue(which)
+    every, nodes = _EveryRow(model), CocaDecoder(model)
+    _, embs = _embeddings(nodes, 1, 7, seed=11)
+    full, node = [], []
+    _recording(monkeypatch, beam._BeamRows, "logits", full)
+    _recording(monkeypatch, beam._BeamNodes, "logits", node)
+    kw = dict(num_beams=6, num_beam_groups=3, seq_len=8, min_seq_len=2)
+    assert beam_search(nodes, IDS, embs[0], **kw) == beam_search(every, IDS, embs[0], **kw)
+    assert len(full) == len(node) > 2
+    for (_, z), (_, zn) in zip(full, node):
+        assert zn.shape[0] == 7 * 2
+        assert torch.equal(zn, z.view(7, 6, -1)[:, :2].reshape(14, -1))

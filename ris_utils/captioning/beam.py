@@ -87,9 +87,12 @@ def beam_search(
         # the groups are the same search (same start, no penalty, their own hypotheses and done flags) and a
         # row's logits do not depend on the batch: one group gives the same beams (the best's ties included:
         # the groups' equal copies sort together and the last copy of the last best wins either way)
-        num_beams, num_beam_groups = num_beams // num_beam_groups, 1
+        # (the first group's rows keep their places in the full batch's layout of num_beams rows per crop)
+        full, num_beams, num_beam_groups = num_beams, num_beams // num_beam_groups, 1
+    else:
+        full = num_beams
     search = _GroupBeamSearch(decoder, ids, image_embs, num_beams, num_beam_groups, seq_len, min_seq_len,
-                              diversity_penalty, length_penalty, shared=hypotheses == "shared")
+                              diversity_penalty, length_penalty, shared=hypotheses == "shared", full_beams=full)
     while not search.step():
         pass
     return search.best()
@@ -114,7 +117,8 @@ class _GroupBeamSearch:
     when ``shared``)."""
 
     def __init__(self, decoder: CocaDecoder, ids: TokenIds, image_embs: torch.Tensor, nb: int, ng: int,
-                 seq_len: int, min_seq_len: int, diversity_penalty: float, length_penalty: float, *, shared: bool):
+                 seq_len: int, min_seq_len: int, diversity_penalty: float, length_penalty: float, *, shared: bool,
+                 full_beams: int | None = None):
         b_, _, w_ = image_embs.shape
         gs = nb // ng
         dev = decoder.device
@@ -126,7 +130,7 @@ class _GroupBeamSearch:
         self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
         self.input_ids = torch.full((r_, 1), ids.sot, dtype=torch.long, device=dev)
         model = _BeamNodes if getattr(decoder, "shares_rows", False) else _BeamRows
-        self.nodes = model(decoder, ids, b_, nb, seq_len, image_embs.shape[1])
+        self.nodes = model(decoder, ids, b_, nb, seq_len, image_embs.shape[1], full_beams or nb)
         beam_scores = torch.full((b_, nb), -1e9, dtype=torch.float, device=dev)
         beam_scores[:, ::gs] = 0
         self.beam_scores = beam_scores.view(-1)
@@ -229,7 +233,8 @@ class _BeamRows:
     """The model side of a beam search: every row (crop b, beam k) of the B*num_beams runs every step (the
     reference; :class:`_BeamNodes` gives the same logits with less work where ``decoder.shares_rows``)."""
 
-    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int):
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int,
+                 full_beams: int):
         self.decoder, self.b_, self.nb = decoder, b_, nb
         self.tcache = decoder.new_text_cache(b_ * nb, seq_len)
         self.dcache = decoder.new_decoder_cache(b_ * nb, seq_len)
@@ -254,14 +259,15 @@ class _BeamNodes:
     there is no diversity penalty), with the text / decoder caches holding nodes. Each row's logits are those of
     the full batch (:class:`~ris_utils.captioning.decoder.RowLayout`, :data:`~ris_utils.captioning.decoder.MIN_ROWS`)."""
 
-    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int):
-        self.decoder, self.ids, self.b_, self.nb = decoder, ids, b_, nb
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int,
+                 full_beams: int):
+        self.decoder, self.ids, self.b_, self.nb, self.full_beams = decoder, ids, b_, nb, full_beams
         r_, dev = b_ * nb, decoder.device
-        self.rows = r_
+        self.rows, self.full_rows = r_, b_ * full_beams
         r = torch.arange(r_, device=dev)
-        # rows share a node only within a class of query positions (:meth:`CocaDecoder.query_classes`), and not at
-        # all when the batch is below MIN_ROWS rows (its matrix products ran the small-matrix path)
-        self.cls = decoder.query_classes(nb, n_keys)[r % nb] if r_ >= MIN_ROWS else nb + r
+        # rows share a node only within a class of query positions (:meth:`CocaDecoder.query_classes`) of the full
+        # batch's layout, and not at all when the full batch is below MIN_ROWS rows (the small-matrix path)
+        self.cls = decoder.query_classes(full_beams, n_keys)[r % nb] if self.full_rows >= MIN_ROWS else 1024 + r
         self.node = r // nb  # one node per crop: every prefix is [sot]
         parents = self._regroup(r, torch.full((r_,), ids.sot, dtype=torch.long, device=dev))
         self.tcache = decoder.new_text_cache(len(parents), seq_len)
@@ -274,19 +280,19 @@ class _BeamNodes:
         parent = self.node[parent_rows]
         # the crop in the key too: a finished group's rows all continue the first row of the batch (padding)
         crop = torch.arange(self.rows, device=parent.device) // self.nb
-        key = ((parent * (self.ids.vocab_size + 1) + tokens) * self.b_ + crop) * (self.nb + self.rows) + self.cls
+        key = ((parent * (self.ids.vocab_size + 1) + tokens) * self.b_ + crop) * (1024 + self.rows) + self.cls
         uniq, inverse = torch.unique(key, return_inverse=True)
         member = torch.zeros(len(uniq), dtype=torch.long, device=key.device)
         member[inverse] = torch.arange(self.rows, device=key.device)
         parents, toks = parent[member], tokens[member]
-        if len(parents) < MIN_ROWS <= self.rows:
+        if len(parents) < MIN_ROWS <= self.full_rows:
             extra = MIN_ROWS - len(parents)
             parents, toks = torch.cat([parents, parents[:1].expand(extra)]), torch.cat([toks, toks[:1].expand(extra)])
         self.node, self.node_tok = inverse, toks
-        index = torch.arange(self.rows, device=key.device)
+        index = crop * self.full_beams + torch.arange(self.rows, device=key.device) % self.nb  # place in the full batch
         pick = torch.zeros(len(parents), dtype=torch.long, device=key.device)
         pick[inverse] = index
-        self.layout = RowLayout(self.b_, self.nb, index, inverse, pick)
+        self.layout = RowLayout(self.b_, self.full_beams, index, inverse, pick)
         return parents
 
     def logits(self, pos: int, cross) -> torch.Tensor:

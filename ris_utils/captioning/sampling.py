@@ -224,8 +224,8 @@ class _NodeSampler(_Sampler):
         self.decoder, self.ids, self.seq_len = decoder, ids, seq_len
         self.dims, self.rows, self.dev = (v_, s_, n_, w_), v_ * s_ * n_, decoder.device
         # per-row settings, rows ordered (view, setting, mask)
-        self.row_k = [s.top_k for s in settings for _ in range(n_)] * v_
-        self.row_p = [s.top_p for s in settings for _ in range(n_)] * v_
+        self.row_sets = SamplingSetProcessor([s.top_k for s in settings for _ in range(n_)] * v_,
+                                             [s.top_p for s in settings for _ in range(n_)] * v_)
         self.row_greedy = torch.tensor([s.kind == "greedy" for s in settings for _ in range(n_)] * v_,
                                        device=self.dev)
         self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
@@ -284,7 +284,7 @@ class _NodeSampler(_Sampler):
         v_, s_, n_, _ = self.dims
         live = self.live
         rows = live.tolist()
-        self.sampling_set = SamplingSetProcessor([self.row_k[r] for r in rows], [self.row_p[r] for r in rows])
+        self.sampling_set = self.row_sets.subset(rows)
         self.greedy = self.row_greedy[live]
         self.keys = self.row_keys[np.asarray(rows, dtype=np.int64)]
         v, s, i = self.row_v[live], self.row_s[live], self.row_i[live]
