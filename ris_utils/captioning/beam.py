@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import BEAM_HYPOTHESES, MIN_SEQ_LEN, SEQ_LEN, CocaDecoder, TokenIds
+from .decoder import (
+    BEAM_HYPOTHESES,
+    MIN_ROWS,
+    MIN_SEQ_LEN,
+    SEQ_LEN,
+    CocaDecoder,
+    RowLayout,
+    TokenIds,
+)
 from .processors import MinLengthLogitsProcessor
 
 
@@ -75,8 +83,16 @@ def beam_search(
     """
     _check_beam_args(num_beams, num_beam_groups, seq_len, min_seq_len, diversity_penalty, hypotheses)
     decoder.check_length(seq_len)
+    if diversity_penalty == 0 and hypotheses == "per_group" and getattr(decoder, "shares_rows", False):
+        # the groups are the same search (same start, no penalty, their own hypotheses and done flags) and a
+        # row's logits do not depend on the batch: one group gives the same beams (the best's ties included:
+        # the groups' equal copies sort together and the last copy of the last best wins either way)
+        # (the first group's rows keep their places in the full batch's layout of num_beams rows per crop)
+        full, num_beams, num_beam_groups = num_beams, num_beams // num_beam_groups, 1
+    else:
+        full = num_beams
     search = _GroupBeamSearch(decoder, ids, image_embs, num_beams, num_beam_groups, seq_len, min_seq_len,
-                              diversity_penalty, length_penalty, shared=hypotheses == "shared")
+                              diversity_penalty, length_penalty, shared=hypotheses == "shared", full_beams=full)
     while not search.step():
         pass
     return search.best()
@@ -101,7 +117,8 @@ class _GroupBeamSearch:
     when ``shared``)."""
 
     def __init__(self, decoder: CocaDecoder, ids: TokenIds, image_embs: torch.Tensor, nb: int, ng: int,
-                 seq_len: int, min_seq_len: int, diversity_penalty: float, length_penalty: float, *, shared: bool):
+                 seq_len: int, min_seq_len: int, diversity_penalty: float, length_penalty: float, *, shared: bool,
+                 full_beams: int | None = None):
         b_, _, w_ = image_embs.shape
         gs = nb // ng
         dev = decoder.device
@@ -110,10 +127,10 @@ class _GroupBeamSearch:
         self.b_, self.nb, self.ng, self.gs, self.w_, self.r_, self.dev = b_, nb, ng, gs, w_, r_, dev
         self.diversity_penalty = diversity_penalty
         self.cross = decoder.cross_kv(image_embs)
-        self.tcache = decoder.new_text_cache(r_, seq_len)
-        self.dcache = decoder.new_decoder_cache(r_, seq_len)
         self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
         self.input_ids = torch.full((r_, 1), ids.sot, dtype=torch.long, device=dev)
+        model = _BeamNodes if getattr(decoder, "shares_rows", False) else _BeamRows
+        self.nodes = model(decoder, ids, b_, nb, seq_len, image_embs.shape[1], full_beams or nb)
         beam_scores = torch.full((b_, nb), -1e9, dtype=torch.float, device=dev)
         beam_scores[:, ::gs] = 0
         self.beam_scores = beam_scores.view(-1)
@@ -129,17 +146,16 @@ class _GroupBeamSearch:
     def step(self) -> bool:
         """Extend every beam of every group by one token; True when the search is over."""
         cur = self.input_ids.shape[1]
-        e = self.decoder.text_step(self.input_ids[:, -1], cur - 1, self.tcache)
-        hidden = self.decoder.decoder_step(e.view(self.b_, self.nb, self.w_), cur - 1, self.dcache, self.cross)
-        logits = self.decoder.project(hidden).view(self.r_, -1).float()
+        logits = self.nodes.logits(cur - 1, self.cross).float()
         current_tokens = torch.zeros(self.r_, dtype=torch.long, device=self.dev)
         reorder = torch.zeros(self.r_, dtype=torch.long, device=self.dev)
         for g in range(self.ng):
             self._group_step(g, logits, cur, current_tokens, reorder)
         self.input_ids = torch.cat([self.input_ids, current_tokens.unsqueeze(-1)], dim=-1)
-        self.tcache.reorder(reorder)
-        self.dcache.reorder(reorder)
-        return all(all(d) for d in self.done) or self.input_ids.shape[1] >= self.seq_len
+        over = all(all(d) for d in self.done) or self.input_ids.shape[1] >= self.seq_len
+        if not over:
+            self.nodes.advance(reorder, current_tokens)
+        return over
 
     def _group_step(self, g: int, logits: torch.Tensor, cur: int, current_tokens: torch.Tensor,
                     reorder: torch.Tensor) -> None:
@@ -211,3 +227,82 @@ class _GroupBeamSearch:
                 best.append(self.ids.eot)
             out.append(best)
         return out
+
+
+class _BeamRows:
+    """The model side of a beam search: every row (crop b, beam k) of the B*num_beams runs every step (the
+    reference; :class:`_BeamNodes` gives the same logits with less work where ``decoder.shares_rows``)."""
+
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int,
+                 full_beams: int):
+        self.decoder, self.b_, self.nb = decoder, b_, nb
+        self.tcache = decoder.new_text_cache(b_ * nb, seq_len)
+        self.dcache = decoder.new_decoder_cache(b_ * nb, seq_len)
+        self.last = torch.full((b_ * nb,), ids.sot, dtype=torch.long, device=decoder.device)
+
+    def logits(self, pos: int, cross) -> torch.Tensor:
+        """(rows, vocab) next-token logits at position ``pos``."""
+        e = self.decoder.text_step(self.last, pos, self.tcache)
+        hidden = self.decoder.decoder_step(e.view(self.b_, self.nb, -1), pos, self.dcache, cross)
+        return self.decoder.project(hidden).view(self.b_ * self.nb, -1)
+
+    def advance(self, reorder: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Row r becomes row ``reorder[r]`` + ``tokens[r]``."""
+        self.last = tokens
+        self.tcache.reorder(reorder)
+        self.dcache.reorder(reorder)
+
+
+class _BeamNodes:
+    """The model side of a beam search: the B*num_beams rows (crop b, beam k) run the model once per *node*, the rows
+    of a crop whose prefixes are equal (every beam at the first step; the beam groups' identical searches when
+    there is no diversity penalty), with the text / decoder caches holding nodes. Each row's logits are those of
+    the full batch (:class:`~ris_utils.captioning.decoder.RowLayout`, :data:`~ris_utils.captioning.decoder.MIN_ROWS`)."""
+
+    def __init__(self, decoder: CocaDecoder, ids: TokenIds, b_: int, nb: int, seq_len: int, n_keys: int,
+                 full_beams: int):
+        self.decoder, self.ids, self.b_, self.nb, self.full_beams = decoder, ids, b_, nb, full_beams
+        r_, dev = b_ * nb, decoder.device
+        self.rows, self.full_rows = r_, b_ * full_beams
+        r = torch.arange(r_, device=dev)
+        # rows share a node only within a class of query positions (:meth:`CocaDecoder.query_classes`) of the full
+        # batch's layout, and not at all when the full batch is below MIN_ROWS rows (the small-matrix path)
+        self.cls = decoder.query_classes(full_beams, n_keys)[r % nb] if self.full_rows >= MIN_ROWS else 1024 + r
+        self.node = r // nb  # one node per crop: every prefix is [sot]
+        parents = self._regroup(r, torch.full((r_,), ids.sot, dtype=torch.long, device=dev))
+        self.tcache = decoder.new_text_cache(len(parents), seq_len)
+        self.dcache = decoder.new_decoder_cache(len(parents), seq_len)
+
+    def _regroup(self, parent_rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Row r continues row ``parent_rows[r]`` with ``tokens[r]``: the new nodes (``self.node``, the nodes' last
+        tokens and layout set); returns each node's parent node (topped up to ``MIN_ROWS`` with copies of the
+        first, read by no row, when the batch has that many rows)."""
+        parent = self.node[parent_rows]
+        # the crop in the key too: a finished group's rows all continue the first row of the batch (padding)
+        crop = torch.arange(self.rows, device=parent.device) // self.nb
+        key = ((parent * (self.ids.vocab_size + 1) + tokens) * self.b_ + crop) * (1024 + self.rows) + self.cls
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        member = torch.zeros(len(uniq), dtype=torch.long, device=key.device)
+        member[inverse] = torch.arange(self.rows, device=key.device)
+        parents, toks = parent[member], tokens[member]
+        if len(parents) < MIN_ROWS <= self.full_rows:
+            extra = MIN_ROWS - len(parents)
+            parents, toks = torch.cat([parents, parents[:1].expand(extra)]), torch.cat([toks, toks[:1].expand(extra)])
+        self.node, self.node_tok = inverse, toks
+        index = crop * self.full_beams + torch.arange(self.rows, device=key.device) % self.nb  # place in the full batch
+        pick = torch.zeros(len(parents), dtype=torch.long, device=key.device)
+        pick[inverse] = index
+        self.layout = RowLayout(self.b_, self.full_beams, index, inverse, pick)
+        return parents
+
+    def logits(self, pos: int, cross) -> torch.Tensor:
+        """(rows, vocab) next-token logits at position ``pos`` (the last tokens are the nodes')."""
+        e = self.decoder.text_step(self.node_tok, pos, self.tcache)
+        h = self.decoder.decoder_rows(e, pos, self.dcache, cross, self.layout)
+        return self.decoder.project(h).index_select(0, self.node)
+
+    def advance(self, reorder: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Row r becomes row ``reorder[r]`` + ``tokens[r]``; the caches follow (a node's rows are its parent's)."""
+        parents = self._regroup(reorder, tokens)
+        self.tcache.keep_rows(parents)
+        self.dcache.keep_rows(parents)

@@ -188,6 +188,19 @@ class KVCache:
         if self.prev is not None:
             self.prev = self.prev.index_select(0, index)
 
+    def keep_rows(self, index: torch.Tensor, first_layer: torch.Tensor | None = None) -> None:
+        """Drop every row but ``index`` (finished captions leave the batch): ``cache[k] <- cache[index[k]]``, the
+        cache shrinks to ``len(index)`` rows. ``first_layer``: layer 0's rows when that layer holds other rows
+        than the others (the multimodal decoder's first layer, shared by the crops of a prefix)."""
+        for layer in range(len(self.keys)):
+            idx = first_layer if layer == 0 and first_layer is not None else index
+            self.keys[layer] = self.keys[layer].index_select(0, idx)
+            self.values[layer] = self.values[layer].index_select(0, idx)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, index)
+        if self.prev is not None:
+            self.prev = self.prev.index_select(0, index)
+
 
 @dataclass
 class CrossKV:
@@ -199,6 +212,34 @@ class CrossKV:
     @property
     def n_crops(self) -> int:
         return self.keys[0].shape[0]
+
+
+@dataclass
+class RowLayout:
+    """Where the D rows of :meth:`CocaDecoder.decoder_rows` sit in :meth:`CocaDecoder.decoder_step`'s layout of
+    ``n_crops`` crops x ``n_queries`` queries (a decoder row stands for the full-layout positions of every caption
+    with its prefix under its crop; finished captions have none).
+
+    ``index`` (F,): full-layout positions ``crop * n_queries + query`` to fill, ``source`` (F,): the decoder row of
+    each; ``pick`` (D,): the position whose cross-attention output a decoder row takes (one of its own).
+    ``share`` (D,) or None: the input row each decoder row reads when the input holds prefixes read under several
+    crops (distinctive sampling: a prefix under each of the N crops of its view); the first layer's self-attention
+    block and cross-attention query depend on the prefix only, so they run once per prefix. None: one input row
+    per decoder row.
+    """
+
+    n_crops: int
+    n_queries: int
+    index: torch.Tensor
+    source: torch.Tensor
+    pick: torch.Tensor
+    share: torch.Tensor | None = None
+
+
+#: a matrix product keeps at least this many rows when the batch shrinks: MKL's small-matrix sgemm path (M <= 3)
+#: rounds differently from the M >= 4 one (measured on every shape from 32 x 40 to 768 x 3072 and 512 x 49408),
+#: whose row results do not depend on the other rows (nor on their number)
+MIN_ROWS = 4
 
 
 def _check_block(block, where: str) -> None:
@@ -250,6 +291,10 @@ class CocaDecoder:
         # image tokens of already-encoded crops (the other mode / seed of an image), by the bytes of the crops
         # and the autocast state: the outputs of the first pass (same batch), up to 256 MB
         self.encode_memo = TensorMemo(256)
+        self._rows_probe: bool | None = None  # :meth:`_rows_independent`, probed on first use
+        self._query_classes: dict = {}  # :meth:`query_classes` by shape
+        self._class_ids: dict = {}  # n_keys -> {probe output bytes: class id}
+        self._compact: dict = {}  # :meth:`compact_queries`
 
     # --- helpers
     def weights_fingerprint(self) -> str:
@@ -267,6 +312,73 @@ class CocaDecoder:
     @property
     def dtype(self) -> torch.dtype:
         return self.text.token_embedding.weight.dtype
+
+    @property
+    def shares_rows(self) -> bool:
+        """Whether sampling and beam search run the model once per node of equal prefixes (:class:`RowLayout`):
+        on a float32 decoder on the CPU with one thread, where a row's numbers do not depend on the other rows of
+        a matrix product of at least :data:`MIN_ROWS` rows (MKL's sgemm: measured, probed once per decoder on its
+        own weights by :meth:`_rows_independent`, checked by ``tests/test_decoding_nodes.py``). Elsewhere (CUDA,
+        other dtypes, several threads) every row runs every step, as it always has."""
+        return (self.device.type == "cpu" and self.dtype == torch.float32 and torch.get_num_threads() == 1
+                and self._rows_independent())
+
+    def _rows_independent(self) -> bool:
+        """Probe (once): rows of the text tower's and decoder's matrix products computed in batches of 64 and of
+        4 to 33 of them are equal, bit for bit (random inputs, the model's own weights, one per shape)."""
+        if self._rows_probe is None:
+            g = torch.Generator().manual_seed(0)
+            mats = {"projection": (self.dec.text_projection.T, None)}
+            for module in [*self.text.transformer.modules(), *self.dec.modules()]:
+                if isinstance(module, nn.MultiheadAttention):
+                    mats.setdefault(("in", *module.in_proj_weight.shape), (module.in_proj_weight, module.in_proj_bias))
+                    mats.setdefault(("q", self.width), (module.in_proj_weight[: self.width], None))
+                elif isinstance(module, nn.Linear):
+                    mats.setdefault(tuple(module.weight.shape), (module.weight, module.bias))
+            ok = True
+            for weight, bias in mats.values():
+                x = torch.randn(64, weight.shape[1], generator=g).to(self.device, self.dtype)
+                full = F.linear(x, weight, bias)
+                for m in (MIN_ROWS, 5, 7, 13, 33):
+                    idx = torch.randperm(64, generator=g)[:m]
+                    ok = ok and torch.equal(F.linear(x[idx], weight, bias), full[idx])
+            self._rows_probe = ok
+        return self._rows_probe
+
+    def query_classes(self, n_queries: int, n_keys: int) -> torch.Tensor:
+        """Long (n_queries,): which cross-attention query positions compute alike, within this layout of
+        ``n_queries`` queries per crop and across layouts (probed once per shape). The attention kernel runs a
+        crop's queries in blocks and may round by block size (PyTorch's CPU flash attention: blocks of 32 queries,
+        smaller at the end; a block of at most 3 goes through MKL's small-matrix path, and for some head sizes other
+        block sizes differ too), so equal queries at two positions give equal outputs only within a class. Probe:
+        two random queries, each at every position of a crop (laid out as :meth:`decoder_rows` lays them out) over
+        random keys, the same for every layout; positions whose outputs match share a class (ids < 1024)."""
+        hit = self._query_classes.get((n_queries, n_keys))
+        if hit is None:
+            g = torch.Generator().manual_seed(0)
+            attn = self.dec.cross_attn[0].attn
+            h, w = attn.num_heads, self.width
+            q = torch.randn(2, 1, w, generator=g).expand(2, n_queries, w).contiguous()
+            k, v = (torch.randn(2, h, n_keys, w // h, generator=g) for _ in range(2))
+            q, k, v = (t.to(self.device, self.dtype) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q.view(2, n_queries, h, w // h).transpose(1, 2), k, v)
+            rows = out.permute(2, 0, 1, 3).reshape(n_queries, -1).cpu().contiguous()
+            ids = self._class_ids.setdefault(n_keys, {})
+            hit = torch.tensor([ids.setdefault(r.numpy().tobytes(), len(ids)) for r in rows], device=self.device)
+            if len(ids) >= 1024:
+                raise RuntimeError("query_classes: more than 1024 numeric classes of attention queries")
+            self._query_classes[(n_queries, n_keys)] = hit
+        return hit
+
+    def compact_queries(self, n_used: int, cls: int, n_keys: int) -> int | None:
+        """The smallest layout of at least ``n_used`` queries per crop whose first ``n_used`` positions are all of
+        :meth:`query_classes` class ``cls`` (None if none up to ``n_used + 64``): the queries of class ``cls`` may be
+        laid out there instead of the full batch's layout, and compute the same numbers."""
+        key = (n_used, cls, n_keys)
+        if key not in self._compact:
+            self._compact[key] = next((n for n in range(n_used, n_used + 65)
+                                       if bool((self.query_classes(n, n_keys)[:n_used] == cls).all())), None)
+        return self._compact[key]
 
     def check_length(self, seq_len: int) -> None:
         if seq_len > self.max_len:
@@ -289,11 +401,12 @@ class CocaDecoder:
         self.encode_memo.put(key, (latent, embs))
         return latent, embs
 
-    def _new_cache(self, blocks, rows: int, max_len: int) -> KVCache:
+    def _new_cache(self, blocks, rows: int, max_len: int, first_layer_rows: int | None = None) -> KVCache:
         keys, values = [], []
-        for b in blocks:
+        for layer, b in enumerate(blocks):
             h = b.attn.num_heads
-            shape = (rows, h, max_len, self.width // h)
+            n = first_layer_rows if layer == 0 and first_layer_rows is not None else rows
+            shape = (n, h, max_len, self.width // h)
             keys.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
             values.append(torch.zeros(shape, device=self.device, dtype=self.dtype))
         return KVCache(keys, values)
@@ -302,9 +415,10 @@ class CocaDecoder:
         """Empty cache for ``rows`` prefixes of up to ``max_len`` tokens in the text tower."""
         return self._new_cache(self.text.transformer.resblocks, rows, max_len)
 
-    def new_decoder_cache(self, rows: int, max_len: int) -> KVCache:
-        """Empty self-attention cache for ``rows`` (crop, prefix) pairs in the multimodal decoder."""
-        return self._new_cache(self.dec.resblocks, rows, max_len)
+    def new_decoder_cache(self, rows: int, max_len: int, first_layer_rows: int | None = None) -> KVCache:
+        """Empty self-attention cache for ``rows`` (crop, prefix) pairs in the multimodal decoder
+        (``first_layer_rows``: the first layer's rows when it runs once per prefix, :class:`RowLayout`)."""
+        return self._new_cache(self.dec.resblocks, rows, max_len, first_layer_rows)
 
     @staticmethod
     def _self_attn_step(block, x: torch.Tensor, cache: KVCache, layer: int, pos: int,
@@ -387,19 +501,60 @@ class CocaDecoder:
         c, q, w = x.shape
         if cross.n_crops != c:
             raise ValueError(f"decoder_step: {c} query groups but cross keys/values for {cross.n_crops} crops")
-        x = x.reshape(c * q, w)
+
+        def attend(layer: int, qr: torch.Tensor) -> torch.Tensor:
+            h = self.dec.cross_attn[layer].attn.num_heads
+            qh = qr.view(c, q, h, w // h).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qh, cross.keys[layer], cross.values[layer])  # (C, H, Q, d)
+            return o.transpose(1, 2).reshape(c * q, w)
+
+        return self._decoder_layers(x.reshape(c * q, w), pos, cache, attend).view(c, q, w)
+
+    @torch.no_grad()
+    def decoder_rows(self, x: torch.Tensor, pos: int, cache: KVCache, cross: CrossKV,
+                     layout: RowLayout) -> torch.Tensor:
+        """:meth:`decoder_step` for the D rows of ``layout`` only (flat); returns ``ln_final`` hidden states (D, W).
+
+        ``x``: (D, W) token embeddings, or (P, W) prefixes with ``layout.share``; ``cache``: D rows (its first
+        layer P rows with ``share``). The cross-attention runs in :meth:`decoder_step`'s full layout (the queries
+        written into a (C*Q, W) buffer at every position they stand for): the attention kernel computes a crop's
+        queries in blocks and may round by block, so a position keeps the block it has in the full batch, and a
+        decoder row stands for positions of one :meth:`query_classes` class only (the caller's part). The other
+        operations are row by row; with at least :data:`MIN_ROWS` rows in a matrix product a row's result does not
+        depend on the other rows (the caller keeps that many where the full batch had them).
+        """
+        c, q, w = layout.n_crops, layout.n_queries, x.shape[-1]
+        if cross.n_crops != c:
+            raise ValueError(f"decoder_rows: {c} crops in the layout but cross keys/values for {cross.n_crops}")
+        buf = torch.zeros(c * q, w, device=x.device, dtype=x.dtype)
+        crop, query = layout.pick // q, layout.pick % q
+
+        def attend(layer: int, qr: torch.Tensor) -> torch.Tensor:
+            h = self.dec.cross_attn[layer].attn.num_heads
+            buf[layout.index] = qr.index_select(0, layout.source)
+            qh = buf.view(c, q, h, w // h).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qh, cross.keys[layer], cross.values[layer])  # (C, H, Q, d)
+            return o.transpose(1, 2)[crop, query].reshape(-1, w)
+
+        return self._decoder_layers(x, pos, cache, attend, layout.share)
+
+    def _decoder_layers(self, x: torch.Tensor, pos: int, cache: KVCache, attend, share=None) -> torch.Tensor:
+        """The decoder's layers on flat rows x (R, W): self-attention block, cross-attention (``attend(layer, q)``
+        -> the attention output of the query rows), MLP; ``share`` (D,): x holds prefixes, decoder row d reads
+        ``x[share[d]]`` from the first cross-attention on (see :class:`RowLayout`). Returns ``ln_final`` of the rows."""
+        w = x.shape[-1]
         for layer, (block, xblock) in enumerate(zip(self.dec.resblocks, self.dec.cross_attn)):
             x = self._self_attn_step(block, x, cache, layer, pos)
             attn = xblock.attn
-            h = attn.num_heads
             bq = attn.in_proj_bias[:w] if attn.in_proj_bias is not None else None
-            qh = F.linear(xblock.ln_1(x), attn.in_proj_weight[:w], bq).view(c, q, h, w // h).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qh, cross.keys[layer], cross.values[layer])  # (C, H, Q, d)
-            o = F.linear(o.transpose(1, 2).reshape(c * q, w), attn.out_proj.weight, attn.out_proj.bias)
+            qr = F.linear(xblock.ln_1(x), attn.in_proj_weight[:w], bq)
+            if share is not None:  # the same prefix under several crops: the same values up to here
+                x, qr, share = x.index_select(0, share), qr.index_select(0, share), None
+            o = F.linear(attend(layer, qr), attn.out_proj.weight, attn.out_proj.bias)
             x = x + xblock.ls_1(o)
             x = x + xblock.ls_2(xblock.mlp(xblock.ln_2(x)))
         cache.length = pos + 1
-        return self.dec.ln_final(x).view(c, q, w)
+        return self.dec.ln_final(x)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., W) -> next-token logits (..., vocab) (``@ text_decoder.text_projection``)."""

@@ -173,6 +173,15 @@ class TopPLogitsProcessor(LogitsProcessor):
         return scores.masked_fill(self.removed(scores), self.filter_value)
 
 
+def _checked(cls, name: str, values: list):
+    """A :class:`TopKLogitsProcessor` / :class:`TopPLogitsProcessor` of per-row ``values`` already validated (by
+    :class:`SamplingSetProcessor`), built without checking them one by one again."""
+    out = cls.__new__(cls)
+    setattr(out, name, values)
+    out.min_tokens_to_keep, out.filter_value = 1, FILTER_VALUE
+    return out
+
+
 class SamplingSetProcessor(LogitsProcessor):
     """Per-row top-k or top-p filter for a batch mixing the two (one ``(top_k, top_p)`` pair per row).
 
@@ -185,11 +194,22 @@ class SamplingSetProcessor(LogitsProcessor):
             raise ValueError(f"top_k and top_p need one value per row each, got {len(top_k)} and {len(top_p)}")
         top_k, top_p = list(top_k), list(top_p)
         TopKLogitsProcessor(top_k), TopPLogitsProcessor(top_p)  # validate
+        self._build(top_k, top_p)
+
+    def _build(self, top_k: list, top_p: list) -> None:
+        self.top_k, self.top_p = top_k, top_p
         self.rows_k = [r for r, k in enumerate(top_k) if k > 0]
         self.rows_p = [r for r, (k, p) in enumerate(zip(top_k, top_p)) if k == 0 and p < 1.0]
-        self.k = TopKLogitsProcessor([top_k[r] for r in self.rows_k]) if self.rows_k else None
-        self.p = TopPLogitsProcessor([top_p[r] for r in self.rows_p]) if self.rows_p else None
+        self.k = _checked(TopKLogitsProcessor, "top_k", [top_k[r] for r in self.rows_k]) if self.rows_k else None
+        self.p = _checked(TopPLogitsProcessor, "top_p", [float(top_p[r]) for r in self.rows_p]) if self.rows_p else None
         self.n_rows = len(top_k)
+
+    def subset(self, rows: Sequence[int]) -> SamplingSetProcessor:
+        """The processor of rows ``rows`` of this batch (the same filters; its values are not checked again:
+        a decoding loop takes the rows still decoding at every step)."""
+        out = SamplingSetProcessor.__new__(SamplingSetProcessor)
+        out._build([self.top_k[r] for r in rows], [self.top_p[r] for r in rows])
+        return out
 
     def removed(self, scores: torch.Tensor) -> torch.Tensor:
         """Bool (B, V): True outside each row's sampling set (each filter runs on its own rows only)."""
