@@ -146,11 +146,16 @@ class _Sampler:
         self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
         self.rule = DistinctiveContrast(ids.eot, temperature)
         self.keys = keys.reshape(-1)
-        self.tcache = decoder.new_text_cache(self.rows, seq_len)
         self.contrast = latents is not None
         self.cross = decoder.cross_kv(image_embs.reshape(v_ * n_, t_, w_))  # crops (v, j), or (v, i) without contrast
-        self.dcache = decoder.new_decoder_cache(v_ * n_ * s_ * n_ if self.contrast else self.rows, seq_len)
         self.weights = similarity_weights(latents) if self.contrast else None  # (V, N_i, N_j)
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        """Empty text / decoder caches: one row per row (per (row, crop) pair with the contrast)."""
+        v_, s_, n_, _ = self.dims
+        self.tcache = self.decoder.new_text_cache(self.rows, self.seq_len)
+        self.dcache = self.decoder.new_decoder_cache(v_ * n_ * s_ * n_ if self.contrast else self.rows, self.seq_len)
 
     def decode(self) -> torch.Tensor:
         """Tokens (V, S, N, seq_len): ``[sot, ..., eot, pad...]``."""
@@ -216,25 +221,12 @@ class _NodeSampler(_Sampler):
     the shapes profile decodes ~3x fewer decoder rows in distinctive mode, ~2x fewer in naive mode.
     """
 
-    def __init__(self, decoder: CocaDecoder, ids: TokenIds, image_embs: torch.Tensor, latents: torch.Tensor | None,
-                 settings: list[DecodeSetting], keys: np.ndarray, seq_len: int, min_seq_len: int,
-                 temperature: float):
-        v_, n_, t_, w_ = image_embs.shape
-        s_ = len(settings)
-        self.decoder, self.ids, self.seq_len = decoder, ids, seq_len
-        self.dims, self.rows, self.dev = (v_, s_, n_, w_), v_ * s_ * n_, decoder.device
-        # per-row settings, rows ordered (view, setting, mask)
-        self.row_sets = SamplingSetProcessor([s.top_k for s in settings for _ in range(n_)] * v_,
-                                             [s.top_p for s in settings for _ in range(n_)] * v_)
-        self.row_greedy = torch.tensor([s.kind == "greedy" for s in settings for _ in range(n_)] * v_,
-                                       device=self.dev)
-        self.min_len = MinLengthLogitsProcessor(min_seq_len, ids.eot)
-        self.rule = DistinctiveContrast(ids.eot, temperature)
-        self.row_keys = keys.reshape(-1)
-        self.contrast = latents is not None
-        self.cross = decoder.cross_kv(image_embs.reshape(v_ * n_, t_, w_))  # crops (v, j), or (v, i) without contrast
-        self.weights = similarity_weights(latents) if self.contrast else None  # (V, N_i, N_j)
-        self.hidden = torch.zeros(v_ * n_ * s_ * n_, w_, device=self.dev, dtype=decoder.dtype) \
+    def _init_caches(self) -> None:
+        """Instead of the row caches: the full rows' settings and noise keys kept (:meth:`_select` takes the live
+        rows' subset), the full batch's decoder states for the mixture, and the nodes' caches (:meth:`_init_nodes`)."""
+        v_, s_, n_, w_ = self.dims
+        self.row_sets, self.row_greedy, self.row_keys = self.sampling_set, self.greedy, self.keys
+        self.hidden = torch.zeros(v_ * n_ * s_ * n_, w_, device=self.dev, dtype=self.decoder.dtype) \
             if self.contrast else None  # (V, Nj, S, Ni, W) decoder states of the full batch, for the mixture
         self._init_nodes()
 
