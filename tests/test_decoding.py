@@ -31,13 +31,7 @@ IDS = TokenIds(sot=2, eot=3, pad=0, vocab_size=VOCAB)  # the word tokenizer's la
 SAMPLE_SETTINGS = parse_settings([{"top_k": 5}, {"top_p": 0.7}, {"kind": "greedy"}])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall badly on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

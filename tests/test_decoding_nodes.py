@@ -28,12 +28,7 @@ IDS = TokenIds(sot=2, eot=3, pad=0, vocab_size=VOCAB)
 SETTINGS = parse_settings([{"top_k": k} for k in (5, 7, 9, 11, 13)] + [{"top_p": p} for p in (0.4, 0.5, 0.6, 0.7, 0.8)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _nodes_or_skip(model) -> CocaDecoder:
