@@ -186,10 +186,7 @@ class _ReferBase(torch.utils.data.Dataset):
         if image_id in self._img_cache:
             return self._img_cache[image_id]
         img = self._load(_image_path(self.refer, image_id, self.fallback))
-        info = self.refer.imgs[image_id]
-        if img.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"image {image_id}: file is {img.shape[1]}x{img.shape[0]} but instances.json says "
-                             f"{info['width']}x{info['height']}")
+        self._check_size(image_id, *img.shape[:2])
         out = letterbox_tensor(img, self.input_size)
         if self.cache:
             self._img_cache[image_id] = out
@@ -202,17 +199,18 @@ class _ReferBase(torch.utils.data.Dataset):
         if self.with_images or image_id in self._img_cache:
             return self.image(image_id)[1]
         if image_id not in self._lb_cache:
-            from PIL import Image
-
-            path = _image_path(self.refer, image_id, self.fallback)
-            info = self.refer.imgs[image_id]
-            with Image.open(path) as img:
+            with Image.open(_image_path(self.refer, image_id, self.fallback)) as img:
                 w, h = img.size
-            if (h, w) != (info["height"], info["width"]):
-                raise ValueError(f"image {image_id}: file is {w}x{h} but instances.json says "
-                                 f"{info['width']}x{info['height']}")
+            self._check_size(image_id, h, w)
             self._lb_cache[image_id] = letterbox_params(h, w, self.input_size)
         return self._lb_cache[image_id]
+
+    def _check_size(self, image_id: int, height: int, width: int) -> None:
+        """The image file's size must be the one instances.json gives (masks are decoded at that size)."""
+        info = self.refer.imgs[image_id]
+        if (height, width) != (info["height"], info["width"]):
+            raise ValueError(f"image {image_id}: file is {width}x{height} but instances.json says "
+                             f"{info['width']}x{info['height']}")
 
     def image_tensor(self, i: int) -> torch.Tensor:
         """The letterboxed, CLIP-normalised 3xSxS image of ref ``i`` (an item's ``"img"``)."""

@@ -97,10 +97,9 @@ def prepare_gt10(data_root, style: str, split_by: str, fraction: float, seed: in
 
 
 def prepare_mix(pseudo_dir, data_root, style: str, split_by: str, fraction: float, seed: int, out_root) -> Path:
-    """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root);
-    ``pseudo_dir`` may be the loaded export (:class:`ris_utils.data.refer.ReferData`), read once for every style."""
-    pseudo = pseudo_dir if isinstance(pseudo_dir, refer.ReferData) else open_refer(pseudo_dir)
-    mix_datasets(pseudo, refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
+    """``gt10+pseudo`` for one style through :func:`ris_utils.export.mix_datasets` (images found in data_root;
+    the pseudo export is read once for every style: :func:`ris_utils.ris.dataset.open_refer`)."""
+    mix_datasets(open_refer(pseudo_dir), refer.load_refer(data_root, style, split_by), fraction, seed, out_root,
                  dataset=style, split_by="mix", images="none")
     return Path(out_root)
 
@@ -203,14 +202,13 @@ def plan(cfg: dict, trainsets=None, styles=None, seeds=None) -> list[Job]:
                     path = runs / "data" / f"mix_{style}"
                     jobs.append(Job(ts, style, seed, str(path), style, "mix", str(out), ev, sval))
     # derived training sets (written once, before the workers start)
-    pseudo = None  # the pseudo_ris export, read once for every style's mix
     for job in jobs:
         sb = evals_by_style.get(job.style, {}).get("split_by", ex.get("split_by", "shapes"))
         if job.trainset == "gt10" and not (Path(job.train_path) / job.style).is_dir():
             prepare_gt10(data_root, job.style, sb, mix["fraction"], mix["seed"], job.train_path)
         if job.trainset == "gt10+pseudo" and not (Path(job.train_path) / job.style).is_dir():
-            pseudo = pseudo or open_refer(export_dir / "pseudo_ris")
-            prepare_mix(pseudo, data_root, job.style, sb, mix["fraction"], mix["seed"], job.train_path)
+            prepare_mix(export_dir / "pseudo_ris", data_root, job.style, sb, mix["fraction"], mix["seed"],
+                        job.train_path)
     return jobs
 
 
