@@ -271,8 +271,7 @@ class RisEvalSet(_ReferBase):
         super().__init__(*args, **kw)
         self.pairs = [(i, j) for i, t in enumerate(self.tokens) for j in range(len(t))]
         self._anns_by_image: dict[int, list[dict]] | None = None  # built on the first image_objects call
-        self._objects: dict[int, list] = {}
-        self._pixels: dict[int, list] = {}
+        self._objects: dict[int, tuple[list, list]] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -290,30 +289,29 @@ class RisEvalSet(_ReferBase):
 
     def object_pixels(self, i: int) -> list[tuple[int, np.ndarray]]:
         """``[(ann_id, flat pixel indices)]`` of :meth:`image_objects` (C order: ``m.ravel()[idx]`` holds the
-        values of ``m[mask]`` in the same order), memoised as they are."""
-        image_id = self.refs[i]["image_id"]
-        if image_id not in self._pixels:
-            if len(self._pixels) >= 8:
-                self._pixels.pop(next(iter(self._pixels)))
-            self._pixels[image_id] = [(a, np.flatnonzero(m)) for a, m in self.image_objects(i)]
-        return self._pixels[image_id]
+        values of ``m[mask]`` in the same order), memoised with them."""
+        return self._image_entry(i)[1]
 
     def image_objects(self, i: int) -> list[tuple[int, np.ndarray]]:
         """``[(ann_id, HxW bool mask)]`` of every annotated object in the image of ref ``i`` (the referred
         one included), at the original size; the last few images are memoised (refs come image by image)."""
+        return self._image_entry(i)[0]
+
+    def _image_entry(self, i: int) -> tuple[list, list]:
+        """(:meth:`image_objects`, :meth:`object_pixels`) of the image of ref ``i``, for the last 8 images."""
         if self._anns_by_image is None:
             self._anns_by_image = {}
             for a in self.refer.anns.values():
                 self._anns_by_image.setdefault(a["image_id"], []).append(a)
         image_id = self.refs[i]["image_id"]
         if image_id not in self._objects:
-
             info = self.refer.imgs[image_id]
             if len(self._objects) >= 8:
                 self._objects.pop(next(iter(self._objects)))
-            self._objects[image_id] = [
+            objects = [
                 (a["id"], decode_segmentation(a["segmentation"], info["height"], info["width"]).astype(bool))
                 for a in sorted(self._anns_by_image.get(image_id, []), key=lambda a: a["id"])]
+            self._objects[image_id] = (objects, [(a, np.flatnonzero(m)) for a, m in objects])
         return self._objects[image_id]
 
 
